@@ -1,0 +1,3 @@
+"""fleetstream: fleet and asset tracking stream processor."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from fleetstream.cli import main
+
+sys.exit(main())

@@ -1,0 +1,174 @@
+"""Settings: one typed, frozen object, read from ``FLEETSTREAM_*`` environment variables, overridden by CLI flags.
+
+Every field documents itself (``metadata["help"]``); the CLI turns each field into a ``--kebab-case`` flag, so
+``fleetstream worker --help`` lists them all. A bad value is refused at start with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
+
+ENV_PREFIX = "FLEETSTREAM_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value the worker cannot run with; the message names the setting."""
+
+
+def _opt(default: Any, help: str, **checks: Any) -> Any:
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # --- Kafka ---------------------------------------------------------------------------------------
+    broker: str = _opt("kafka://localhost:9092", "Kafka bootstrap servers, kafka://host:port[,host:port]")
+    app_id: str = _opt("fleetstream", "Consumer group and changelog prefix; workers with one app_id share work")
+    partitions: int = _opt(8, "Partitions for topics the worker creates", min=1)
+    replication_factor: int = _opt(1, "Replication factor for topics the worker creates", min=1)
+    security_protocol: str = _opt(
+        "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+        choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    )
+    sasl_mechanism: str = _opt(
+        "PLAIN", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+    )
+    sasl_username: str = _opt("", "SASL user name (with a SASL_* security protocol)")
+    sasl_password: str = _opt("", "SASL password (prefer the environment variable over the flag)")
+    ssl_cafile: str = _opt("", "CA bundle for TLS (SSL / SASL_SSL)")
+    ssl_certfile: str = _opt("", "Client certificate for mutual TLS")
+    ssl_keyfile: str = _opt("", "Client key for mutual TLS")
+    tail_single_record: bool = _opt(
+        True,
+        "Send the last record of every output flush as its own batch, so brokers that report the end offset "
+        "as 'base offset of the newest batch + 1' (the embedded Tansu) report it right; harmless on Kafka",
+    )
+    # --- topics ----------------------------------------------------------------------------------------
+    positions_topic: str = _opt("fleet.positions", "Input: GPS fixes (key device_id)")
+    enriched_topic: str = _opt("fleet.positions.enriched", "Output: enriched fixes (key device_id)")
+    deadletter_topic: str = _opt("fleet.deadletter", "Output: rejected records with the reason")
+    geofences_topic: str = _opt("fleet.geofences", "Compacted: geofence GeoJSON features (key geofence id)")
+    geofence_events_topic: str = _opt("fleet.geofence.events", "Output: enter/exit/dwell events")
+    # --- processing --------------------------------------------------------------------------------------
+    h3_resolution: int = _opt(9, "Primary H3 resolution written to enriched fixes", min=0, max=15)
+    h3_extra_resolutions: tuple[int, ...] = _opt((), "Extra H3 resolutions (comma separated)", min=0, max=15)
+    batch_max: int = _opt(2000, "Most Kafka messages the worker processes in one batch", min=1)
+    batch_within_s: float = _opt(0.05, "Longest wait to fill a batch, seconds", min=0.001)
+    max_future_skew_s: float = _opt(300.0, "Fixes more than this far in the future are dead-lettered", min=0)
+    max_message_bytes: int = _opt(1_048_576, "Larger input messages are dead-lettered", min=64)
+    max_batch_items: int = _opt(1000, "Most fixes in one array message", min=1)
+    stop_speed_kmh: float = _opt(3.0, "At or below this speed a device counts as stopped", min=0)
+    # --- storage and serving ------------------------------------------------------------------------------
+    data_dir: str = _opt("fleetstream-data", "Directory for table storage (RocksDB) and worker state")
+    table_store: str = _opt(
+        "auto", "Table storage: rocksdb, memory, or auto (rocksdb when rocksdict is installed)",
+        choices=("auto", "rocksdb", "memory"),
+    )
+    web_host: str = _opt("0.0.0.0", "HTTP API / metrics bind address")
+    web_port: int = _opt(6066, "HTTP API / metrics port", min=1, max=65535)
+    log_level: str = _opt("warning", "debug, info, warning or error", choices=("debug", "info", "warning", "error"))
+
+    # -----------------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check(f.name, getattr(self, f.name), f.metadata)
+        for server in self.bootstrap_servers:
+            if not re.fullmatch(r"[\w.\-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}", server):
+                raise SettingsError(f"broker: {self.broker!r} is not kafka://host:port[,host:port]")
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        """``kafka://a:9092,b:9092`` -> ``["a:9092", "b:9092"]``."""
+        raw = self.broker.removeprefix("kafka://")
+        return [part.strip().removeprefix("kafka://") for part in raw.split(",") if part.strip()]
+
+    @property
+    def all_h3_resolutions(self) -> tuple[int, ...]:
+        return (self.h3_resolution, *[r for r in self.h3_extra_resolutions if r != self.h3_resolution])
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then ``FLEETSTREAM_*`` variables from ``env``, then ``overrides`` (CLI flags; None = unset)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = parse_value(f.name, raw, f.type)
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            if name not in _FIELD_TYPES:
+                raise SettingsError(f"{name}: unknown setting")
+            values[name] = parse_value(name, value, _FIELD_TYPES[name]) if isinstance(value, str) else value
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with secrets masked, for logs and the status endpoint."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if out["sasl_password"]:
+            out["sasl_password"] = "***"
+        return out
+
+
+def setting_fields() -> list[tuple[str, type, Any, str, dict[str, Any]]]:
+    """(name, type, default, help, checks) for every setting: what the CLI builds its flags from."""
+    out = []
+    for f in fields(Settings):
+        default = f.default if f.default is not MISSING else None
+        out.append((f.name, _FIELD_TYPES[f.name], default, f.metadata["help"], dict(f.metadata)))
+    return out
+
+
+def parse_value(name: str, raw: Any, type_: Any) -> Any:
+    """Parse a string from the environment or a flag into the field's type, naming the setting on failure."""
+    if isinstance(type_, str):
+        type_ = _FIELD_TYPES[name]
+    origin = typing.get_origin(type_)
+    try:
+        if type_ is bool:
+            lowered = str(raw).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if type_ is int:
+            return int(str(raw).strip())
+        if type_ is float:
+            value = float(str(raw).strip())
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError("expected a finite number")
+            return value
+        if origin is tuple:
+            return tuple(int(part) for part in str(raw).split(",") if part.strip())
+        if origin in (types.UnionType, typing.Union):
+            return str(raw)
+        return str(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} ({ENV_PREFIX}{name.upper()}): invalid value {raw!r}: {exc}") from None
+
+
+def _check(name: str, value: Any, meta: Mapping[str, Any]) -> None:
+    items = value if isinstance(value, tuple) else (value,)
+    for item in items:
+        if isinstance(item, bool) and _FIELD_TYPES[name] is not bool:
+            raise SettingsError(f"{name}: expected a number, got {item!r}")
+        if "min" in meta and item < meta["min"]:
+            raise SettingsError(f"{name}: {item!r} is below the minimum {meta['min']}")
+        if "max" in meta and item > meta["max"]:
+            raise SettingsError(f"{name}: {item!r} is above the maximum {meta['max']}")
+        if "choices" in meta and item not in meta["choices"]:
+            raise SettingsError(f"{name}: {item!r} is not one of {', '.join(meta['choices'])}")
+
+
+_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Settings)

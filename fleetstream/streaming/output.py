@@ -1,0 +1,79 @@
+"""Batched output: one ``send_batch`` per topic-partition per flush instead of one ``send`` per record.
+
+Faust's ``Topic.send`` costs ~250 µs per record and aiokafka's keyed ``send`` 17 µs; ``send_batch`` costs about
+2.5 µs per record (FIELD-NOTES). The worker collects a whole input batch's outputs, flushes them here and awaits
+every acknowledgement before the input offsets may be committed (at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    partition: int | None = None  # None: murmur2 of the key, like a keyed send
+
+
+class BatchProducer:
+    """Flushes records per topic-partition with ``create_batch``/``send_batch`` and awaits the acks."""
+
+    def __init__(self, producer: AIOKafkaProducer, *, tail_single_record: bool = True) -> None:
+        self._producer = producer
+        self._partitioner = DefaultPartitioner()
+        self._tail_single_record = tail_single_record
+        self._partition_counts: dict[str, int] = {}
+
+    async def partitions_for(self, topic: str) -> int:
+        count = self._partition_counts.get(topic)
+        if count is None:
+            found = await self._producer.partitions_for(topic)
+            count = self._partition_counts[topic] = len(found)
+        return count
+
+    async def flush(self, records: Iterable[OutRecord]) -> dict[tuple[str, int], list[int]]:
+        """Send every record; return, per (topic, partition), the offsets the records got, in order."""
+        by_tp: dict[tuple[str, int], list[OutRecord]] = defaultdict(list)
+        for record in records:
+            partition = record.partition
+            if partition is None:
+                count = await self.partitions_for(record.topic)
+                partition = self._partitioner(record.key, list(range(count)), list(range(count)))
+            by_tp[(record.topic, partition)].append(record)
+        if not by_tp:
+            return {}
+        sends = [self._send_partition(topic, partition, items) for (topic, partition), items in by_tp.items()]
+        results = await asyncio.gather(*sends)
+        return dict(zip(by_tp.keys(), results, strict=True))
+
+    async def _send_partition(self, topic: str, partition: int, records: list[OutRecord]) -> list[int]:
+        # Tansu reports end offset = base offset of the newest batch + 1, so the last record goes alone.
+        split = len(records) - 1 if self._tail_single_record and len(records) > 1 else len(records)
+        chunks: list[tuple[asyncio.Future, int]] = []
+        for group in (records[:split], records[split:]):
+            batch = self._producer.create_batch()
+            count = 0
+            for record in group:
+                if batch.append(key=record.key, value=record.value, timestamp=None) is None:
+                    chunks.append((await self._producer.send_batch(batch, topic, partition=partition), count))
+                    batch = self._producer.create_batch()
+                    count = 0
+                    if batch.append(key=record.key, value=record.value, timestamp=None) is None:
+                        raise ValueError(f"record for {topic} is larger than the producer's max batch size")
+                count += 1
+            if count:
+                chunks.append((await self._producer.send_batch(batch, topic, partition=partition), count))
+        offsets: list[int] = []
+        for future, count in chunks:
+            metadata = await future
+            offsets.extend(range(metadata.offset, metadata.offset + count))
+        return offsets

@@ -1,0 +1,174 @@
+"""Helpers for tests against a real broker: worker processes, producing and reading topics to the end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from fleetstream.config import Settings
+from fleetstream.embedded import free_port
+
+
+@dataclass
+class Consumed:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+    def json(self) -> dict:
+        assert self.value is not None
+        return orjson.loads(self.value)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """FLEETSTREAM_* variables that reproduce ``settings`` in a child process."""
+    env = {}
+    for name in Settings.__dataclass_fields__:
+        value = getattr(settings, name)
+        if isinstance(value, tuple):
+            value = ",".join(map(str, value))
+        env[f"FLEETSTREAM_{name.upper()}"] = str(value)
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    """A real ``fleetstream worker`` process (python -m fleetstream worker) with its own web port."""
+
+    settings: Settings
+    log_path: Path
+    process: subprocess.Popen | None = field(default=None, init=False)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.web_port}"
+
+    def start(self, timeout_s: float = 60) -> WorkerProcess:
+        env = {**os.environ, **settings_env(self.settings)}
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fleetstream", "worker"], env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}: {self.log_tail()}")
+            try:
+                self.status()
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"worker did not serve /status within {timeout_s}s: {self.log_tail()}")
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(self.base_url + "/status", timeout=2) as response:
+            return orjson.loads(response.read())
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self, timeout_s: float = 30) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+def worker_settings(broker_url: str, prefix: str, tmp: Path, **overrides: object) -> Settings:
+    """Settings with topics, app id, web port and data dir private to one test."""
+    return Settings.load(
+        env={},
+        broker=broker_url,
+        app_id=f"{prefix}-app",
+        positions_topic=f"{prefix}.positions",
+        enriched_topic=f"{prefix}.positions.enriched",
+        deadletter_topic=f"{prefix}.deadletter",
+        geofences_topic=f"{prefix}.geofences",
+        geofence_events_topic=f"{prefix}.geofence.events",
+        web_port=free_port(),
+        data_dir=str(tmp / f"{prefix}-data"),
+        web_host="127.0.0.1",
+        **overrides,
+    )
+
+
+async def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> int:
+    """Keyed sends (default partitioner, like any Kafka producer), all acknowledged."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, key=key, value=value) for key, value in records]
+        await asyncio.gather(*futures)
+        return len(futures)
+    finally:
+        await producer.stop()
+
+
+async def read_topic(
+    bootstrap: str, topic: str, *, expect: int | None = None, idle_s: float = 5.0, timeout_s: float = 120.0
+) -> list[Consumed]:
+    """Read a topic from the beginning: until ``expect`` records arrived (then ``idle_s`` more for extras),
+    or until nothing new came for ``idle_s``. Never trusts end offsets (Tansu under-reports them)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    out: list[Consumed] = []
+    try:
+        partitions = None
+        deadline = time.monotonic() + timeout_s
+        while partitions is None and time.monotonic() < deadline:
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:
+                await consumer._client.force_metadata_update()  # topic may not exist yet
+                partitions = consumer.partitions_for_topic(topic) or None
+                if partitions is None:
+                    await asyncio.sleep(0.2)
+        if not partitions:
+            return out
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
+            got = 0
+            for tp, messages in batch.items():
+                for m in messages:
+                    out.append(Consumed(tp.topic, tp.partition, m.offset, m.key, m.value))
+                    got += 1
+            now = time.monotonic()
+            if got:
+                last_new = now
+            elif expect is not None and len(out) >= expect and now - last_new > min(idle_s, 1.0):
+                break
+            elif now - last_new > idle_s and (expect is None or len(out) >= expect):
+                break
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def wait_for_count(bootstrap: str, topic: str, expect: int, timeout_s: float = 120) -> list[Consumed]:
+    """Poll a topic until it holds at least ``expect`` records (or time runs out) and return them all."""
+    return await read_topic(bootstrap, topic, expect=expect, idle_s=timeout_s, timeout_s=timeout_s)

@@ -1,0 +1,172 @@
+"""The core pipeline on a real broker: every input accounted for, enrichment right, state survives SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import h3
+import orjson
+import pytest
+
+from fleetstream.domain.geo import haversine_m
+from tests.integration.helpers import WorkerProcess, produce, read_topic, wait_for_count, worker_settings
+
+pytestmark = pytest.mark.integration
+
+START_MS = 1_780_000_000_000  # 2026-05-28, safely in the past
+
+
+def _fix(device: str, ts_ms: int, lat: float, lon: float) -> dict:
+    return {"device_id": device, "ts": ts_ms, "lat": round(lat, 7), "lon": round(lon, 7)}
+
+
+MALFORMED_KINDS = (
+    lambda d, f: (d, b"{not json"),
+    lambda d, f: (d, orjson.dumps({**f, "lat": 123.0})),
+    lambda d, f: (d, orjson.dumps({**f, "lon": -190.0})),
+    lambda d, f: (d, orjson.dumps({k: v for k, v in f.items() if k != "ts"})),
+    lambda d, f: (d, orjson.dumps({**f, "ts": "yesterday"})),
+    lambda d, f: (d, orjson.dumps({**f, "device_id": ""})),
+    lambda d, f: (d, orjson.dumps({**f, "device_id": "someone-else"})),
+    lambda d, f: (d, orjson.dumps({**f, "lat": "NaN"})),
+    lambda d, f: (d, b"[]"),
+    lambda d, f: (d, b"42"),
+    lambda d, f: (d, orjson.dumps({**f, "ts": START_MS + 10 * 86_400_000 * 1000})),
+)
+
+
+def make_stream(n_records: int, devices: int, malformed_share: float, seed: int):
+    """Keyed records (device_id -> JSON), a mix of single fixes, arrays of fixes, duplicates and malformed ones.
+
+    Returns the records and, per device, the valid fixes in the order they were produced.
+    """
+    rng = random.Random(seed)
+    pos = {f"dev-{i:04d}": (53.40 + rng.uniform(-0.05, 0.05), -2.98 + rng.uniform(-0.05, 0.05)) for i in range(devices)}
+    clock = {d: START_MS for d in pos}
+    valid: dict[str, list[dict]] = defaultdict(list)
+    records: list[tuple[bytes, bytes]] = []
+    fixes_total = 0
+    malformed = 0
+    while fixes_total < n_records:
+        device = rng.choice(list(pos))
+        key = device.encode()
+        if rng.random() < malformed_share:
+            lat, lon = pos[device]
+            kind = MALFORMED_KINDS[malformed % len(MALFORMED_KINDS)]
+            records.append(kind(key, _fix(device, clock[device] + 1, lat, lon)))
+            malformed += 1
+            fixes_total += 1
+            continue
+        n = 1 if rng.random() < 0.7 else rng.randint(2, 5)
+        n = min(n, n_records - fixes_total)
+        batch = []
+        for _ in range(n):
+            lat, lon = pos[device]
+            lat += rng.gauss(0, 0.0003)
+            lon += rng.gauss(0, 0.0005)
+            pos[device] = (lat, lon)
+            if rng.random() < 0.03 and valid[device]:
+                fix = dict(valid[device][-1])  # a duplicate: same ts as the previous fix
+            else:
+                clock[device] += rng.randint(1000, 10_000)
+                fix = _fix(device, clock[device], lat, lon)
+            batch.append(fix)
+            valid[device].append(fix)
+        records.append((key, orjson.dumps(batch if len(batch) > 1 or rng.random() < 0.2 else batch[0])))
+        fixes_total += n
+    return records, valid, malformed
+
+
+def reference_odometer(fixes: list[dict]) -> tuple[float, int]:
+    """Sum of haversine distances between consecutive accepted fixes (strictly newer ts), and their count."""
+    total, last, accepted = 0.0, None, 0
+    for fix in fixes:
+        if last is not None and fix["ts"] <= last["ts"]:
+            continue
+        if last is not None:
+            total += haversine_m(last["lat"], last["lon"], fix["lat"], fix["lon"])
+        last = fix
+        accepted += 1
+    return total, accepted
+
+
+def check_outputs(enriched, dead, valid, malformed_count):
+    events = [r.json() for r in enriched]
+    ids = Counter(e["event_id"] for e in events)
+    unique: dict[str, dict] = {}
+    for e in events:  # consumers keep the first copy of an event id (a replay may re-send it)
+        unique.setdefault(e["event_id"], e)
+    assert len(unique) == sum(len(v) for v in valid.values())
+    assert len({(r.json()["partition"], r.json()["offset"], r.json().get("index")) for r in dead}) == malformed_count
+    for e in unique.values():
+        assert e["h3"] == h3.latlng_to_cell(e["lat"], e["lon"], 9)
+    last_by_device: dict[str, dict] = {}
+    for e in unique.values():
+        if "filtered" in e:
+            continue
+        prev = last_by_device.get(e["device_id"])
+        if prev is None or e["ts"] > prev["ts"]:
+            last_by_device[e["device_id"]] = e
+    for device, fixes in valid.items():
+        expected, _ = reference_odometer(fixes)
+        assert last_by_device[device]["odometer_m"] == pytest.approx(expected, rel=1e-9, abs=1e-6), device
+    return ids
+
+
+def test_every_record_accounted_for_and_enriched(broker, prefix, tmp_path: Path):
+    settings = worker_settings(broker.url, prefix, tmp_path, partitions=4)
+    records, valid, malformed = make_stream(10_000, devices=50, malformed_share=0.05, seed=7)
+    n_valid = sum(len(v) for v in valid.values())
+    assert malformed >= 400
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    try:
+        asyncio.run(produce(broker.bootstrap, settings.positions_topic, records))
+        enriched = asyncio.run(wait_for_count(broker.bootstrap, settings.enriched_topic, n_valid))
+        dead = asyncio.run(read_topic(broker.bootstrap, settings.deadletter_topic, expect=malformed, idle_s=3))
+        status = worker.status()
+    finally:
+        worker.stop()
+    assert len(enriched) == n_valid, worker.log_tail()
+    assert len(dead) == malformed
+    assert len(enriched) + len(dead) == n_valid + malformed
+    ids = check_outputs(enriched, dead, valid, malformed)
+    assert max(ids.values()) == 1  # no restart, no duplicates
+    reasons = Counter(r.json()["error"]["reason"] for r in dead)
+    assert len(reasons) >= 8, reasons  # the malformed kinds are told apart
+    assert status["fixes_in"] == n_valid + malformed
+    assert status["deadlettered"] == malformed
+    # the enriched record follows its input partition (co-partitioned, keyed by device)
+    for r in enriched:
+        e = r.json()
+        assert r.key == e["device_id"].encode()
+        assert r.partition == e["source"]["partition"]
+
+
+def test_sigkill_and_restart_loses_nothing(broker, prefix, tmp_path: Path):
+    settings = worker_settings(broker.url, prefix, tmp_path, partitions=4, batch_max=200)
+    records, valid, malformed = make_stream(20_000, devices=40, malformed_share=0.02, seed=11)
+    n_valid = sum(len(v) for v in valid.values())
+    worker = WorkerProcess(settings, tmp_path / "worker1.log").start()
+    try:
+        asyncio.run(produce(broker.bootstrap, settings.positions_topic, records))
+        # kill it once it is part-way through
+        import time
+
+        deadline = time.monotonic() + 60
+        while worker.status()["fixes_in"] < (n_valid + malformed) // 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.status()["fixes_in"] < n_valid + malformed, "worker finished before the kill"
+    finally:
+        worker.kill()
+    restarted = WorkerProcess(settings, tmp_path / "worker2.log").start()
+    try:
+        enriched = asyncio.run(wait_for_count(broker.bootstrap, settings.enriched_topic, n_valid, timeout_s=180))
+        # let a replay finish: read until quiet
+        enriched = asyncio.run(read_topic(broker.bootstrap, settings.enriched_topic, expect=len(enriched), idle_s=4))
+        dead = asyncio.run(read_topic(broker.bootstrap, settings.deadletter_topic, expect=malformed, idle_s=2))
+    finally:
+        restarted.stop()
+    check_outputs(enriched, dead, valid, malformed)
