@@ -96,9 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "worker":
+        settings = _settings_from(args)  # refuse bad settings before importing Faust
         from fleetstream.streaming.runner import run_worker
 
-        return run_worker(_settings_from(args))
+        return run_worker(settings)
     if args.command == "demo":
         from fleetstream.demo import DemoOptions, run_demo
 

@@ -9,17 +9,21 @@ per-message costs are paid once per Kafka message, not once per fix or per outpu
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import faust
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from faust.types import TP, EventT
 
 from fleetstream.config import Settings
 from fleetstream.streaming.kafka import ssl_context
 from fleetstream.streaming.output import BatchProducer
-from fleetstream.streaming.pipeline import InRecord, PipelineStats, PositionPipeline
+from fleetstream.observability.metrics import Metrics
+from fleetstream.streaming.pipeline import BatchOutput, InRecord, PipelineStats, PositionPipeline
 
 log = logging.getLogger("fleetstream.worker")
 
@@ -108,13 +112,17 @@ class TableState:
 class PositionWorker:
     """Glue between the Faust agent and the pipeline: decode batch, flush outputs, apply state."""
 
-    def __init__(self, app: faust.App, settings: Settings, table: faust.Table) -> None:
+    def __init__(
+        self, app: faust.App, settings: Settings, table: faust.Table, metrics: Metrics | None = None
+    ) -> None:
         self.app = app
+        self.metrics = metrics
         self.settings = settings
         self.state = TableState(table)
         self.stats = PipelineStats()
         self.pipeline: PositionPipeline | None = None
         self.output: BatchProducer | None = None
+        self._next_offsets: dict[int, int] = {}
 
     async def start(self) -> None:
         producer = self.app.producer._ensure_producer()  # the aiokafka producer Faust started for us
@@ -136,19 +144,87 @@ class PositionWorker:
         if self.pipeline is None:
             await self.start()
         assert self.pipeline is not None and self.output is not None
-        records = [
-            InRecord(m.topic, m.partition, m.offset, m.key, m.value) for m in (event.message for event in events)
-        ]
-        output = self.pipeline.process(records)
+        started = time.perf_counter()
+        self.stats.mark_batch_start()
+        messages = [event.message for event in events]
+        records = [InRecord(m.topic, m.partition, m.offset, m.key, m.value) for m in messages]
+        for record in records:
+            self._next_offsets[record.partition] = record.offset + 1
+        output = self._process(records)
         offsets = await self.output.flush(output.records)
         changelog = self.state.table.changelog_topic_name
         self.state.apply(
             output.state_writes,
             {partition: found for (topic, partition), found in offsets.items() if topic == changelog},
         )
+        self.stats.add(output)
+        self.stats.mark_flushed()
+        self._observe(output, offsets, messages, started)
+
+    def refresh_gauges(self) -> None:
+        """Gauges read at scrape time: assigned partitions and consumer lag (highwater minus next offset).
+
+        On the embedded broker highwater is under-reported (FIELD-NOTES), so lag there reads low."""
+        m = self.metrics
+        if m is None:
+            return
+        consumer = self.app.consumer
+        topic = self.settings.positions_topic
+        assigned = [tp for tp in consumer.assignment() if tp.topic == topic]
+        m.assigned_partitions.labels(topic).set(len(assigned))
+        for tp in assigned:
+            highwater = consumer.highwater(tp)
+            next_offset = self._next_offsets.get(tp.partition)
+            if highwater is not None and next_offset is not None:
+                m.consumer_lag.labels(topic, str(tp.partition)).set(max(0, highwater - next_offset))
+
+    def _process(self, records: list[InRecord]) -> BatchOutput:
+        """Never let one record stop the worker: on an unexpected error, retry one record at a time and
+        dead-letter the ones that still fail, with reason ``internal_error``."""
+        assert self.pipeline is not None
+        try:
+            return self.pipeline.process(records)
+        except Exception:
+            log.exception("batch of %d records failed; retrying record by record", len(records))
+        merged = BatchOutput(messages=len(records))
+        states: dict = {}  # later records of a device must see the state earlier ones produced
+        for record in records:
+            try:
+                single = self.pipeline.process([record], states)
+            except Exception as exc:
+                log.exception("record %s/%d@%d failed", record.topic, record.partition, record.offset)
+                single = self.pipeline.internal_error(record, exc)
+            merged.merge(single)
+        return merged
+
+    def _observe(self, output: BatchOutput, offsets: dict[tuple[str, int], list[int]],
+                 messages: list[Any], started: float) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        now = time.time()
+        topic = self.settings.positions_topic
+        m.input_messages.labels(topic).inc(output.messages)
+        m.input_records.labels(topic).inc(output.fixes)
+        for (out_topic, _), found in offsets.items():
+            m.output_records.labels(out_topic).inc(len(found))
+        for reason, count in output.deadlettered.items():
+            m.deadlettered.labels(topic, reason).inc(count)
+        for reason, count in output.filtered.items():
+            m.filtered.labels(reason).inc(count)
+        if output.fix_ts_ms:
+            m.event_lag.observe_many(now - np.asarray(output.fix_ts_ms, dtype=np.float64) / 1000.0)
+        kafka_ts = np.fromiter((msg.timestamp for msg in messages), dtype=np.float64, count=len(messages))
+        m.processing_latency.observe_many(now - kafka_ts / 1000.0)
+        m.batch_size.observe(output.messages)
+        m.batch_seconds.observe(time.perf_counter() - started)
+        m.devices.set(len(self.stats.devices))
+        m.last_input_timestamp.set(now)
 
 
-def create_app(settings: Settings, **faust_overrides: Any) -> faust.App:
+def create_app(
+    settings: Settings, registry: CollectorRegistry | None = None, **faust_overrides: Any
+) -> faust.App:
     """Build a Faust app for these settings, with its topics, table, agent and web views."""
     app = faust.App(
         settings.app_id,
@@ -176,7 +252,8 @@ def create_app(settings: Settings, **faust_overrides: Any) -> faust.App:
         DEVICE_STATE_TABLE, default=None, partitions=settings.partitions,
         key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
     )
-    worker = PositionWorker(app, settings, table)
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    worker = PositionWorker(app, settings, table, metrics)
     app.fleetstream_worker = worker  # type: ignore[attr-defined]
 
     @app.agent(positions, name="positions")
@@ -191,5 +268,10 @@ def create_app(settings: Settings, **faust_overrides: Any) -> faust.App:
     @app.page("/health")
     async def health(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
         return web.json({"status": "ok"})
+
+    @app.page("/metrics")
+    async def metrics_page(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        worker.refresh_gauges()
+        return web.bytes(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
     return app

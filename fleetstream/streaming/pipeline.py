@@ -48,7 +48,21 @@ class BatchOutput:
     records: list[OutRecord] = field(default_factory=list)
     # (partition, key, value) of the changelog records, applied to the local store once acknowledged
     state_writes: list[tuple[int, bytes, bytes]] = field(default_factory=list)
+    messages: int = 0
     fixes: int = 0
+    enriched: int = 0
+    deadlettered: Counter[str] = field(default_factory=Counter)
+    filtered: Counter[str] = field(default_factory=Counter)
+    fix_ts_ms: list[int] = field(default_factory=list)  # accepted fixes' event times, for the lag histogram
+
+    def merge(self, other: BatchOutput) -> None:
+        self.records.extend(other.records)
+        self.state_writes.extend(other.state_writes)
+        self.fixes += other.fixes
+        self.enriched += other.enriched
+        self.deadlettered.update(other.deadlettered)
+        self.filtered.update(other.filtered)
+        self.fix_ts_ms.extend(other.fix_ts_ms)
 
 
 @dataclass(slots=True)
@@ -62,6 +76,29 @@ class PipelineStats:
     filtered: Counter[str] = field(default_factory=Counter)
     batches: int = 0
     devices: set[str] = field(default_factory=set)
+    # wall clock (time.time) and process CPU (time.process_time) at the first batch and after the last flush:
+    # what benchmarks/throughput.py measures a worker's rate and CPU per event from
+    first_batch_wall_s: float | None = None
+    first_batch_cpu_s: float | None = None
+    last_flush_wall_s: float | None = None
+    last_flush_cpu_s: float | None = None
+
+    def add(self, out: BatchOutput) -> None:
+        self.batches += 1
+        self.messages_in += out.messages
+        self.fixes_in += out.fixes
+        self.enriched += out.enriched
+        self.deadlettered.update(out.deadlettered)
+        self.filtered.update(out.filtered)
+
+    def mark_batch_start(self) -> None:
+        if self.first_batch_wall_s is None:
+            self.first_batch_wall_s = time.time()
+            self.first_batch_cpu_s = time.process_time()
+
+    def mark_flushed(self) -> None:
+        self.last_flush_wall_s = time.time()
+        self.last_flush_cpu_s = time.process_time()
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -69,6 +106,8 @@ class PipelineStats:
             "deadlettered": sum(self.deadlettered.values()), "deadlettered_by_reason": dict(self.deadlettered),
             "filtered_by_reason": dict(self.filtered), "batches": self.batches,
             "devices_seen": len(self.devices),
+            "first_batch_wall_s": self.first_batch_wall_s, "first_batch_cpu_s": self.first_batch_cpu_s,
+            "last_flush_wall_s": self.last_flush_wall_s, "last_flush_cpu_s": self.last_flush_cpu_s,
         }
 
 
@@ -104,21 +143,20 @@ class PositionPipeline:
             max_future_skew_ms=int(settings.max_future_skew_s * 1000),
         )
 
-    def process(self, records: Sequence[InRecord]) -> BatchOutput:
+    def process(
+        self, records: Sequence[InRecord], states: dict[str, tuple[int, DeviceState | None]] | None = None
+    ) -> BatchOutput:
+        """``states`` carries device states not yet in the store across calls (record-by-record retries)."""
         now_ms = self.clock_ms()
-        out = BatchOutput()
-        stats = self.stats
-        stats.batches += 1
-        stats.messages_in += len(records)
+        out = BatchOutput(messages=len(records))
         accepted: list[tuple[InRecord, int, Position]] = []
         for record in records:
             for index, item in enumerate(decode_positions(record.key, record.value, now_ms=now_ms, limits=self.limits)):
                 if isinstance(item, DecodeError):
-                    out.records.append(self._deadletter(record, index, item, now_ms))
+                    out.records.append(self._deadletter(out, record, index, item, now_ms))
                 else:
                     accepted.append((record, index, item))
         out.fixes = len(accepted) + len(out.records)
-        stats.fixes_in += out.fixes
         if not accepted:
             return out
 
@@ -130,7 +168,7 @@ class PositionPipeline:
         else:
             inside = [()] * len(accepted)
 
-        states: dict[str, tuple[int, DeviceState | None]] = {}
+        states = {} if states is None else states
         dirty: set[str] = set()
         enriched_topic = self.settings.enriched_topic
         for (record, item_index, fix), fences in zip(accepted, inside, strict=True):
@@ -148,12 +186,13 @@ class PositionPipeline:
                 dirty.add(device_id)
             else:
                 states[device_id] = cached
-                stats.filtered[enrichment.filtered.value] += 1
+                out.filtered[enrichment.filtered.value] += 1
             value = orjson.dumps(enriched_dict(record, item_index, fix, enrichment, fences))
             out.records.append(
                 OutRecord(enriched_topic, record.key, value, record.partition if self.copartitioned else None)
             )
-        stats.enriched += len(accepted)
+        out.enriched = len(accepted)
+        out.fix_ts_ms = [fix.ts_ms for _, _, fix in accepted]
 
         for device_id in dirty:
             partition, state = states[device_id]
@@ -162,11 +201,18 @@ class PositionPipeline:
             value = orjson.dumps(state.to_dict())
             out.state_writes.append((partition, key, value))
             out.records.append(OutRecord(self.changelog_topic, key, value, partition))
-            stats.devices.add(device_id)
+            self.stats.devices.add(device_id)
         return out
 
-    def _deadletter(self, record: InRecord, index: int, error: DecodeError, now_ms: int) -> OutRecord:
-        self.stats.deadlettered[error.reason] += 1
+    def internal_error(self, record: InRecord, exc: Exception) -> BatchOutput:
+        """The output for a record the pipeline failed on: one dead letter naming the error."""
+        out = BatchOutput(fixes=1)
+        error = DecodeError("internal_error", f"{type(exc).__name__}: {exc}"[:500])
+        out.records.append(self._deadletter(out, record, 0, error, self.clock_ms()))
+        return out
+
+    def _deadletter(self, out: BatchOutput, record: InRecord, index: int, error: DecodeError, now_ms: int) -> OutRecord:
+        out.deadlettered[error.reason] += 1
         value = deadletter_record(
             source_topic=record.topic, partition=record.partition, offset=record.offset, index=index,
             key=record.key, raw=record.value, error=error, now_ms=now_ms, limits=self.limits,
