@@ -250,7 +250,7 @@ def create_app(
     )
     table = app.Table(
         DEVICE_STATE_TABLE, default=None, partitions=settings.partitions,
-        key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+        schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
     )
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     worker = PositionWorker(app, settings, table, metrics)

@@ -48,18 +48,11 @@ def make_stream(n_records: int, devices: int, malformed_share: float, seed: int)
     clock = {d: START_MS for d in pos}
     valid: dict[str, list[dict]] = defaultdict(list)
     records: list[tuple[bytes, bytes]] = []
-    fixes_total = 0
-    malformed = 0
+    malformed = round(n_records * malformed_share)
+    fixes_total = malformed
     while fixes_total < n_records:
         device = rng.choice(list(pos))
         key = device.encode()
-        if rng.random() < malformed_share:
-            lat, lon = pos[device]
-            kind = MALFORMED_KINDS[malformed % len(MALFORMED_KINDS)]
-            records.append(kind(key, _fix(device, clock[device] + 1, lat, lon)))
-            malformed += 1
-            fixes_total += 1
-            continue
         n = 1 if rng.random() < 0.7 else rng.randint(2, 5)
         n = min(n, n_records - fixes_total)
         batch = []
@@ -77,6 +70,11 @@ def make_stream(n_records: int, devices: int, malformed_share: float, seed: int)
             valid[device].append(fix)
         records.append((key, orjson.dumps(batch if len(batch) > 1 or rng.random() < 0.2 else batch[0])))
         fixes_total += n
+    for i in range(malformed):  # malformed records of every kind, at random places in the stream
+        device = rng.choice(list(pos))
+        lat, lon = pos[device]
+        kind = MALFORMED_KINDS[i % len(MALFORMED_KINDS)]
+        records.insert(rng.randrange(len(records) + 1), kind(device.encode(), _fix(device, START_MS, lat, lon)))
     return records, valid, malformed
 
 
