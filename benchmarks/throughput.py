@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -156,7 +157,8 @@ def run_quix(bootstrap: str, topic: str, out_topic: str, n_fixes: int) -> tuple[
     return time.perf_counter() - marks["t0"], time.process_time() - marks["c0"]
 
 
-def run_worker(broker_url: str, topic: str, n_fixes: int, partitions: int, workdir: Path, tag: str) -> tuple[float, float]:
+def run_worker(broker_url: str, topic: str, n_fixes: int, partitions: int, workdir: Path, tag: str,
+               wrapper: list[str] | None = None, extra_env: dict[str, str] | None = None) -> tuple[float, float]:
     settings = Settings.load(
         env={}, broker=broker_url, app_id=f"bench-{tag}", positions_topic=topic,
         enriched_topic=f"{topic}.{tag}.enriched", deadletter_topic=f"{topic}.{tag}.dead",
@@ -168,7 +170,9 @@ def run_worker(broker_url: str, topic: str, n_fixes: int, partitions: int, workd
         value = getattr(settings, name)
         env[f"FLEETSTREAM_{name.upper()}"] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
     log = open(workdir / f"{tag}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "fleetstream", "worker"], env=env, stdout=log,
+    env.update(extra_env or {})
+    command = [*(wrapper or []), sys.executable, "-m", "fleetstream", "worker"]
+    proc = subprocess.Popen(command, env=env, stdout=log,
                             stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         deadline = time.monotonic() + 600
@@ -188,7 +192,7 @@ def run_worker(broker_url: str, topic: str, n_fixes: int, partitions: int, workd
             time.sleep(0.1)
         raise TimeoutError("worker did not finish in time")
     finally:
-        proc.terminate()
+        proc.send_signal(signal.SIGINT if wrapper else signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -205,6 +209,7 @@ def main() -> None:
     parser.add_argument("--single-fix-limit", type=int, default=50_000,
                         help="cap on fixes for the 1-fix-per-message mode (Faust pays ~200 us per message)")
     parser.add_argument("--pipelines", default="worker,aiokafka,quix")
+    parser.add_argument("--worker-wrapper", default="", help="command prefix for the worker, e.g. a profiler")
     args = parser.parse_args()
     pipelines = args.pipelines.split(",")
     if "quix" in pipelines:
@@ -234,7 +239,8 @@ def main() -> None:
                     out_topic = f"{topic}.{tag}.out"
                     asyncio.run(ensure_topics(base, [TopicSpec(out_topic, args.partitions)]))
                     if name == "worker":
-                        wall, cpu = run_worker(broker.url, topic, n, args.partitions, workdir, tag)
+                        wall, cpu = run_worker(broker.url, topic, n, args.partitions, workdir, tag,
+                                               wrapper=args.worker_wrapper.split() or None)
                     elif name == "aiokafka":
                         wall, cpu = asyncio.run(run_aiokafka(broker.bootstrap, topic, out_topic, n))
                     else:

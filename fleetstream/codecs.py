@@ -64,8 +64,26 @@ DEFAULT_LIMITS = CodecLimits()
 
 # --- timestamps -----------------------------------------------------------------------------------------------
 
+_utc_second_cache: dict[str, int] = {}
+
+
 def parse_ts(value: Any) -> int:
     """RFC 3339 with a zone (``Z`` or ``±hh:mm``) or integer epoch milliseconds -> epoch milliseconds."""
+    if type(value) is str and len(value) == 24 and value[19] == "." and value[23] == "Z":
+        # the form our own outputs and most producers write: 2026-11-25T10:00:00.123Z; seconds cached
+        seconds_ms = _utc_second_cache.get(value[:19])
+        millis = value[20:23]
+        if seconds_ms is not None and millis.isdigit():
+            return seconds_ms + int(millis)
+        full = _parse_ts(value)
+        if len(_utc_second_cache) > 8192:
+            _utc_second_cache.clear()
+        _utc_second_cache[value[:19]] = full - full % 1000
+        return full
+    return _parse_ts(value)
+
+
+def _parse_ts(value: Any) -> int:
     if isinstance(value, bool):
         raise DecodeError("bad_timestamp", "ts: expected RFC 3339 string or epoch milliseconds, got a boolean")
     if isinstance(value, int):
@@ -214,23 +232,38 @@ def decode_positions(key: bytes | None, value: bytes | None, *, now_ms: int,
     """One entry per fix: a message with one object gives one entry, an array one per item, in order."""
 
     def one(doc: dict, text_key: str | None) -> Position:
-        _unknown_fields(doc, POSITION_FIELDS)
-        device_id = _identifier(doc, "device_id", limits)
-        _check_key(text_key, device_id, "device_id")
+        # Fast paths first (a float in range is the common case); anything else goes through the full
+        # check, which names the problem. NaN and infinities fail the range tests and land there too.
+        if not POSITION_FIELDS.issuperset(doc):
+            _unknown_fields(doc, POSITION_FIELDS)
+        device_id = doc.get("device_id")
+        if type(device_id) is not str or not 0 < len(device_id) <= limits.max_id_len:
+            device_id = _identifier(doc, "device_id", limits)
+        if text_key != device_id:
+            _check_key(text_key, device_id, "device_id")
         ts_ms = _timestamp(doc, now_ms, limits)
-        lat = _number(doc, "lat", low=-90.0, high=90.0, required=True)
-        lon = _number(doc, "lon", low=-180.0, high=180.0, required=True)
+        lat = doc.get("lat")
+        if type(lat) is not float or not -90.0 <= lat <= 90.0:
+            lat = _number(doc, "lat", low=-90.0, high=90.0, required=True)
+        lon = doc.get("lon")
+        if type(lon) is not float or not -180.0 <= lon <= 180.0:
+            lon = _number(doc, "lon", low=-180.0, high=180.0, required=True)
+        speed = doc.get("speed_kmh")
+        if speed is not None and (type(speed) is not float or not 0.0 <= speed <= 2000.0):
+            speed = _number(doc, "speed_kmh", low=0.0, high=2000.0)
+        heading = doc.get("heading_deg")
+        if heading is not None and (type(heading) is not float or not 0.0 <= heading <= 360.0):
+            heading = _number(doc, "heading_deg", low=0.0, high=360.0)
+        accuracy = doc.get("accuracy_m")
+        if accuracy is not None and (type(accuracy) is not float or not 0.0 <= accuracy < math.inf):
+            accuracy = _number(doc, "accuracy_m", low=0.0)
+        altitude = doc.get("altitude_m")
+        if altitude is not None and (type(altitude) is not float or not -1000.0 <= altitude <= 100_000.0):
+            altitude = _number(doc, "altitude_m", low=-1000.0, high=100_000.0)
         attributes = doc.get("attributes")
         if attributes is not None and not isinstance(attributes, dict):
             raise DecodeError("bad_type", f"attributes: expected an object, got {_kind(attributes)}")
-        return Position(
-            device_id, ts_ms, lat, lon,  # type: ignore[arg-type]
-            _number(doc, "speed_kmh", low=0.0, high=2000.0),
-            _number(doc, "heading_deg", low=0.0, high=360.0),
-            _number(doc, "accuracy_m", low=0.0),
-            _number(doc, "altitude_m", low=-1000.0, high=100_000.0),
-            attributes or None,
-        )
+        return Position(device_id, ts_ms, lat, lon, speed, heading, accuracy, altitude, attributes or None)
 
     return _decode_all(key, value, limits, one)
 
@@ -279,7 +312,13 @@ def decode_telemetry(key: bytes | None, value: bytes | None, *, now_ms: int,
 # --- outputs --------------------------------------------------------------------------------------------------
 
 def dumps(obj: Any) -> bytes:
-    return orjson.dumps(obj)
+    """``orjson.dumps`` for values that stay alive (held for a batch send): copied to an exact-size object.
+
+    orjson builds its output in a ~1 KiB buffer and shrinks it in place; thousands of such shrunken blocks
+    alive at once fragment glibc malloc until each call costs 6-14 µs instead of ~1 µs (measured with 100k
+    outputs held). The copy, small enough for Python's own allocator, costs ~0.2 µs and avoids that.
+    """
+    return bytes(memoryview(orjson.dumps(obj)))
 
 
 def position_to_dict(p: Position) -> dict[str, Any]:
@@ -303,7 +342,7 @@ def deadletter_record(*, source_topic: str, partition: int, offset: int, index: 
         text = raw[: limits.max_raw_chars * 4].decode("utf-8", "replace")
     if text is not None and len(text) > limits.max_raw_chars:
         text = text[: limits.max_raw_chars]
-    return orjson.dumps({
+    return dumps({
         "source_topic": source_topic,
         "partition": partition,
         "offset": offset,

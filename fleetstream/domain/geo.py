@@ -50,3 +50,24 @@ def destination(lat: float, lon: float, bearing: float, distance_m: float) -> tu
     p2 = math.asin(math.sin(p1) * math.cos(d) + math.cos(p1) * math.sin(d) * math.cos(b))
     l2 = l1 + math.atan2(math.sin(b) * math.sin(d) * math.cos(p1), math.cos(d) - math.sin(p1) * math.sin(p2))
     return math.degrees(p2), (math.degrees(l2) + 540.0) % 360.0 - 180.0
+
+
+def distance_bearing(lat1: float, lon1: float, lat2: float, lon2: float) -> tuple[float, float]:
+    """Haversine distance (m) and initial bearing (deg) at once, sharing the trigonometry (per-fix hot path)."""
+    p1 = lat1 * _RAD
+    p2 = lat2 * _RAD
+    dl = (lon2 - lon1) * _RAD
+    cos_p1 = _cos(p1)
+    cos_p2 = _cos(p2)
+    sin_dp = _sin((p2 - p1) * 0.5)
+    sin_dl = _sin(dl * 0.5)
+    a = sin_dp * sin_dp + cos_p1 * cos_p2 * sin_dl * sin_dl
+    distance = 2 * EARTH_RADIUS_M * _asin(_sqrt(a) if a < 1.0 else 1.0)
+    y = _sin(dl) * cos_p2
+    x = cos_p1 * _sin(p2) - _sin(p1) * cos_p2 * _cos(dl)
+    return distance, (_atan2(y, x) * _DEG) % 360.0
+
+
+_RAD = math.pi / 180.0
+_DEG = 180.0 / math.pi
+_sin, _cos, _asin, _sqrt, _atan2 = math.sin, math.cos, math.asin, math.sqrt, math.atan2

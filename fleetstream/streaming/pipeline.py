@@ -11,21 +11,20 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import orjson
 
-from fleetstream.codecs import CodecLimits, DecodeError, deadletter_record, decode_positions, format_ts
+from fleetstream.codecs import CodecLimits, DecodeError, deadletter_record, decode_positions, dumps, format_ts
 from fleetstream.config import Settings
 from fleetstream.domain.models import DeviceState, Position
 from fleetstream.domain.tracking import Enrichment, TrackingConfig, step_position
 from fleetstream.streaming.output import OutRecord
 
 
-@dataclass(frozen=True, slots=True)
-class InRecord:
+class InRecord(NamedTuple):
     """One consumed Kafka record, as the pipeline needs it."""
 
     topic: str
@@ -171,26 +170,26 @@ class PositionPipeline:
         states = {} if states is None else states
         dirty: set[str] = set()
         enriched_topic = self.settings.enriched_topic
+        copartitioned = self.copartitioned
+        tracking = self.tracking
+        read_state = self.state.get
+        emit = out.records.append
         for (record, item_index, fix), fences in zip(accepted, inside, strict=True):
             device_id = fix.device_id
             cached = states.get(device_id)
             if cached is None:
-                raw = self.state.get(record.partition, device_id.encode())
+                raw = read_state(record.partition, device_id.encode())
                 cached = (record.partition, DeviceState.from_dict(orjson.loads(raw)) if raw else None)
-            previous = cached[1]
-            new_state, enrichment = step_position(previous, fix, self.tracking)
+            new_state, enrichment = step_position(cached[1], fix, tracking)
             if enrichment.filtered is None:
                 if fences != new_state.geofences:
-                    new_state = _with_geofences(new_state, fences)
+                    new_state = new_state._replace(geofences=fences)
                 states[device_id] = (record.partition, new_state)
                 dirty.add(device_id)
             else:
-                states[device_id] = cached
                 out.filtered[enrichment.filtered.value] += 1
-            value = orjson.dumps(enriched_dict(record, item_index, fix, enrichment, fences))
-            out.records.append(
-                OutRecord(enriched_topic, record.key, value, record.partition if self.copartitioned else None)
-            )
+            value = dumps(enriched_dict(record, item_index, fix, enrichment, fences))
+            emit(OutRecord(enriched_topic, record.key, value, record.partition if copartitioned else None))
         out.enriched = len(accepted)
         out.fix_ts_ms = [fix.ts_ms for _, _, fix in accepted]
 
@@ -198,7 +197,7 @@ class PositionPipeline:
             partition, state = states[device_id]
             assert state is not None
             key = device_id.encode()
-            value = orjson.dumps(state.to_dict())
+            value = dumps(state.to_dict())
             out.state_writes.append((partition, key, value))
             out.records.append(OutRecord(self.changelog_topic, key, value, partition))
             self.stats.devices.add(device_id)
@@ -230,20 +229,20 @@ def enriched_dict(
 ) -> dict[str, object]:
     """The ``fleet.positions.enriched`` message (schemas/enriched_position.json)."""
     out: dict[str, object] = {
-        "event_id": event_id(record, index),
+        "event_id": f"{record.partition}-{record.offset}-{index}",  # == event_id(record, index)
         "device_id": fix.device_id,
         "ts": format_ts(fix.ts_ms),
         "lat": fix.lat,
         "lon": fix.lon,
         "h3": enrichment.h3,
-        "geofences": list(fences),
+        "geofences": fences,
         "speed_kmh": enrichment.speed_kmh,
         "speed_source": enrichment.speed_source,
         "heading_deg": enrichment.heading_deg,
         "heading_source": enrichment.heading_source,
         "distance_m": enrichment.distance_m,
         "odometer_m": enrichment.odometer_m,
-        "motion": enrichment.motion.value,
+        "motion": enrichment.motion,  # a StrEnum: orjson writes its value
         "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset, "index": index},
     }
     if enrichment.h3_cells:
@@ -258,6 +257,3 @@ def enriched_dict(
         out["filtered"] = enrichment.filtered.value
     return out
 
-
-def _with_geofences(state: DeviceState, fences: tuple[str, ...]) -> DeviceState:
-    return replace(state, geofences=fences)
