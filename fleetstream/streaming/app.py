@@ -8,9 +8,11 @@ per-message costs are paid once per Kafka message, not once per fix or per outpu
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import ChainMap
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from faust.types import TP, EventT
 
 from fleetstream.config import Settings
+from fleetstream.domain.models import DeviceState
 from fleetstream.streaming.kafka import ssl_context
 from fleetstream.streaming.output import BatchProducer
 from fleetstream.observability.metrics import Metrics
@@ -123,6 +126,11 @@ class PositionWorker:
         self.pipeline: PositionPipeline | None = None
         self.output: BatchProducer | None = None
         self._next_offsets: dict[int, int] = {}
+        self.max_inflight = 2
+        self._inflight: set[asyncio.Future[None]] = set()
+        self._pending_states: dict[str, tuple[int, DeviceState]] = {}
+        self._pending_seq: dict[str, int] = {}
+        self._seq = 0
 
     async def start(self) -> None:
         producer = self.app.producer._ensure_producer()  # the aiokafka producer Faust started for us
@@ -140,10 +148,19 @@ class PositionWorker:
             copartitioned=n_in == n_out, stats=self.stats,
         )
 
-    async def handle(self, events: Iterable[EventT]) -> None:
+    async def handle(self, events: Sequence[EventT]) -> None:
+        """Process one batch and put its outputs on the wire; do not wait for them.
+
+        Each input message gets one extra reference (``incref``) that is released only once every output of
+        its batch, changelog included, is acknowledged: Faust commits an offset only when all references are
+        released, so offsets never run ahead of outputs (at-least-once) while the next batch is processed
+        during this one's round trip. States of batches in flight stay readable in ``self._pending_states``.
+        """
         if self.pipeline is None:
             await self.start()
         assert self.pipeline is not None and self.output is not None
+        while len(self._inflight) >= self.max_inflight:
+            await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
         started = time.perf_counter()
         self.stats.mark_batch_start()
         messages = [event.message for event in events]
@@ -151,15 +168,49 @@ class PositionWorker:
         for record in records:
             self._next_offsets[record.partition] = record.offset + 1
         output = self._process(records)
-        offsets = await self.output.flush(output.records)
+        self._seq += 1
+        seq = self._seq
+        for device_id, entry in output.new_states.items():
+            self._pending_states[device_id] = entry
+            self._pending_seq[device_id] = seq
+        for message in messages:
+            message.incref()
+        acknowledged = await self.output.send(output.records)
+        task = asyncio.ensure_future(self._complete(seq, output, acknowledged, events, started))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _complete(
+        self, seq: int, output: BatchOutput, acknowledged: Awaitable[dict[tuple[str, int], list[int]]],
+        events: Sequence[EventT], started: float,
+    ) -> None:
+        try:
+            offsets = await acknowledged
+        except Exception as exc:  # the broker refused our outputs: do not ack, let the worker stop and retry
+            log.exception("outputs of a batch were not acknowledged; stopping without committing its offsets")
+            await self.app.crash(exc)
+            return
         changelog = self.state.table.changelog_topic_name
         self.state.apply(
             output.state_writes,
             {partition: found for (topic, partition), found in offsets.items() if topic == changelog},
         )
+        for device_id in output.new_states:
+            if self._pending_seq.get(device_id) == seq:  # no later batch changed it: the store has it now
+                del self._pending_seq[device_id]
+                del self._pending_states[device_id]
+        for event in events:
+            event.ack()
         self.stats.add(output)
         self.stats.mark_flushed()
-        self._observe(output, offsets, messages, started)
+        self._observe(output, offsets, [event.message for event in events], started)
+
+    async def drain(self) -> None:
+        """Wait for every batch in flight (before a rebalance hands partitions to another worker)."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        self._pending_states.clear()
+        self._pending_seq.clear()
 
     def refresh_gauges(self) -> None:
         """Gauges read at scrape time: assigned partitions and consumer lag (highwater minus next offset).
@@ -183,14 +234,15 @@ class PositionWorker:
         dead-letter the ones that still fail, with reason ``internal_error``."""
         assert self.pipeline is not None
         try:
-            return self.pipeline.process(records)
+            return self.pipeline.process(records, self._pending_states)
         except Exception:
             log.exception("batch of %d records failed; retrying record by record", len(records))
         merged = BatchOutput(messages=len(records))
-        states: dict = {}  # later records of a device must see the state earlier ones produced
+        # later records of a device must see the states earlier ones produced
+        pending = ChainMap(merged.new_states, self._pending_states)
         for record in records:
             try:
-                single = self.pipeline.process([record], states)
+                single = self.pipeline.process([record], pending)
             except Exception as exc:
                 log.exception("record %s/%d@%d failed", record.topic, record.partition, record.offset)
                 single = self.pipeline.internal_error(record, exc)
@@ -255,6 +307,14 @@ def create_app(
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     worker = PositionWorker(app, settings, table, metrics)
     app.fleetstream_worker = worker  # type: ignore[attr-defined]
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: faust.App, revoked: set[TP], **kwargs: Any) -> None:
+        await worker.drain()
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender: faust.App, assigned: set[TP], **kwargs: Any) -> None:
+        await worker.drain()
 
     @app.agent(positions, name="positions")
     async def process_positions(stream: faust.StreamT) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import NamedTuple
 
 from aiokafka import AIOKafkaProducer
@@ -40,7 +40,14 @@ class BatchProducer:
         return count
 
     async def flush(self, records: Iterable[OutRecord]) -> dict[tuple[str, int], list[int]]:
-        """Send every record; return, per (topic, partition), the offsets the records got, in order."""
+        """Send every record and wait; return, per (topic, partition), the offsets the records got, in order."""
+        return await (await self.send(records))
+
+    async def send(self, records: Iterable[OutRecord]) -> Awaitable[dict[tuple[str, int], list[int]]]:
+        """Hand every record to the producer now; the returned awaitable gives the offsets once acknowledged.
+
+        Lets the worker process the next batch while this one is on the wire.
+        """
         by_tp: dict[tuple[str, int], list[OutRecord]] = defaultdict(list)
         for record in records:
             partition = record.partition
@@ -48,13 +55,21 @@ class BatchProducer:
                 count = await self.partitions_for(record.topic)
                 partition = self._partitioner(record.key, list(range(count)), list(range(count)))
             by_tp[(record.topic, partition)].append(record)
-        if not by_tp:
-            return {}
-        sends = [self._send_partition(topic, partition, items) for (topic, partition), items in by_tp.items()]
-        results = await asyncio.gather(*sends)
-        return dict(zip(by_tp.keys(), results, strict=True))
+        pending = {tp: await self._send_partition(tp[0], tp[1], items) for tp, items in by_tp.items()}
+        return self._offsets(pending)
 
-    async def _send_partition(self, topic: str, partition: int, records: list[OutRecord]) -> list[int]:
+    async def _offsets(
+        self, pending: dict[tuple[str, int], list[tuple[asyncio.Future, int]]]
+    ) -> dict[tuple[str, int], list[int]]:
+        result: dict[tuple[str, int], list[int]] = {}
+        for tp, chunks in pending.items():
+            offsets = result[tp] = []
+            for future, count in chunks:
+                metadata = await future
+                offsets.extend(range(metadata.offset, metadata.offset + count))
+        return result
+
+    async def _send_partition(self, topic: str, partition: int, records: list[OutRecord]) -> list[tuple[asyncio.Future, int]]:
         # Tansu reports end offset = base offset of the newest batch + 1, so the last record goes alone.
         split = len(records) - 1 if self._tail_single_record and len(records) > 1 else len(records)
         chunks: list[tuple[asyncio.Future, int]] = []
@@ -71,8 +86,4 @@ class BatchProducer:
                 count += 1
             if count:
                 chunks.append((await self._producer.send_batch(batch, topic, partition=partition), count))
-        offsets: list[int] = []
-        for future, count in chunks:
-            metadata = await future
-            offsets.extend(range(metadata.offset, metadata.offset + count))
-        return offsets
+        return chunks

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -53,6 +53,7 @@ class BatchOutput:
     deadlettered: Counter[str] = field(default_factory=Counter)
     filtered: Counter[str] = field(default_factory=Counter)
     fix_ts_ms: list[int] = field(default_factory=list)  # accepted fixes' event times, for the lag histogram
+    new_states: dict[str, tuple[int, DeviceState]] = field(default_factory=dict)  # device -> (partition, state)
 
     def merge(self, other: BatchOutput) -> None:
         self.records.extend(other.records)
@@ -62,6 +63,7 @@ class BatchOutput:
         self.deadlettered.update(other.deadlettered)
         self.filtered.update(other.filtered)
         self.fix_ts_ms.extend(other.fix_ts_ms)
+        self.new_states.update(other.new_states)
 
 
 @dataclass(slots=True)
@@ -143,9 +145,10 @@ class PositionPipeline:
         )
 
     def process(
-        self, records: Sequence[InRecord], states: dict[str, tuple[int, DeviceState | None]] | None = None
+        self, records: Sequence[InRecord], pending: Mapping[str, tuple[int, DeviceState]] | None = None
     ) -> BatchOutput:
-        """``states`` carries device states not yet in the store across calls (record-by-record retries)."""
+        """``pending``: device states of earlier batches whose changelog is not acknowledged yet (so not in the
+        store); read before the store, never modified here. This batch's states come back in ``new_states``."""
         now_ms = self.clock_ms()
         out = BatchOutput(messages=len(records))
         accepted: list[tuple[InRecord, int, Position]] = []
@@ -167,8 +170,8 @@ class PositionPipeline:
         else:
             inside = [()] * len(accepted)
 
-        states = {} if states is None else states
-        dirty: set[str] = set()
+        states = out.new_states
+        pending = pending or {}
         enriched_topic = self.settings.enriched_topic
         copartitioned = self.copartitioned
         tracking = self.tracking
@@ -176,16 +179,17 @@ class PositionPipeline:
         emit = out.records.append
         for (record, item_index, fix), fences in zip(accepted, inside, strict=True):
             device_id = fix.device_id
-            cached = states.get(device_id)
+            cached = states.get(device_id) or pending.get(device_id)
             if cached is None:
                 raw = read_state(record.partition, device_id.encode())
-                cached = (record.partition, DeviceState.from_dict(orjson.loads(raw)) if raw else None)
-            new_state, enrichment = step_position(cached[1], fix, tracking)
+                previous = DeviceState.from_dict(orjson.loads(raw)) if raw else None
+            else:
+                previous = cached[1]
+            new_state, enrichment = step_position(previous, fix, tracking)
             if enrichment.filtered is None:
                 if fences != new_state.geofences:
                     new_state = new_state._replace(geofences=fences)
                 states[device_id] = (record.partition, new_state)
-                dirty.add(device_id)
             else:
                 out.filtered[enrichment.filtered.value] += 1
             value = dumps(enriched_dict(record, item_index, fix, enrichment, fences))
@@ -193,9 +197,7 @@ class PositionPipeline:
         out.enriched = len(accepted)
         out.fix_ts_ms = [fix.ts_ms for _, _, fix in accepted]
 
-        for device_id in dirty:
-            partition, state = states[device_id]
-            assert state is not None
+        for device_id, (partition, state) in states.items():
             key = device_id.encode()
             value = dumps(state.to_dict())
             out.state_writes.append((partition, key, value))
