@@ -44,6 +44,12 @@ class Settings:
     ssl_cafile: str = _opt("", "CA bundle for TLS (SSL / SASL_SSL)")
     ssl_certfile: str = _opt("", "Client certificate for mutual TLS")
     ssl_keyfile: str = _opt("", "Client key for mutual TLS")
+    session_timeout_s: float = _opt(
+        10.0, "Consumer group session timeout: a worker silent this long loses its partitions", min=1
+    )
+    rebalance_timeout_s: float = _opt(
+        10.0, "How long a rebalance waits for members to rejoin (the embedded broker waits it out on join)", min=1
+    )
     tail_single_record: bool = _opt(
         True,
         "Send the last record of every output flush as its own batch, so brokers that report the end offset "

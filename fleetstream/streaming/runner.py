@@ -22,8 +22,6 @@ class _Worker(faust.Worker):
 
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
         logger.setLevel(self._fleetstream_level)
-        for name in ("faust", "mode", "aiokafka"):
-            logging.getLogger(name).setLevel(max(self._fleetstream_level, logging.WARNING))
 
 
 def run_worker(settings: Settings) -> int:

@@ -110,6 +110,7 @@ def worker_settings(broker_url: str, prefix: str, tmp: Path, **overrides: object
         web_port=free_port(),
         data_dir=str(tmp / f"{prefix}-data"),
         web_host="127.0.0.1",
+        rebalance_timeout_s=3,  # the embedded broker waits half of it before a new group's first join
         **overrides,
     )
 
