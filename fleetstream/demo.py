@@ -7,6 +7,7 @@ only adds the broker in front and a simulator behind, and reads the worker's ``/
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import os
 import shutil
 import signal
@@ -109,7 +110,7 @@ async def _run(settings: Settings, options: DemoOptions, worker: subprocess.Pope
         simulate(",".join(settings.bootstrap_servers), config, topic=settings.positions_topic, status_cb=on_progress)
     )
     started = time.monotonic()
-    previous: tuple[float, int, int] | None = None
+    window: deque[tuple[float, int, int]] = deque()  # rates over the last ~2 s: the worker takes bursts
     try:
         while True:
             await asyncio.sleep(options.status_interval_s)
@@ -120,7 +121,11 @@ async def _run(settings: Settings, options: DemoOptions, worker: subprocess.Pope
             if status is not None:
                 now = time.monotonic()
                 fixes_in, fixes_out = int(status["fixes_in"]), int(status["enriched"]) + int(status["deadlettered"])
-                if previous is not None and now > previous[0]:
+                window.append((now, fixes_in, fixes_out))
+                while now - window[0][0] > 2.0:
+                    window.popleft()
+                previous = window[0]
+                if now > previous[0]:
                     rate_in = (fixes_in - previous[1]) / (now - previous[0])
                     rate_out = (fixes_out - previous[2]) / (now - previous[0])
                     line = (
@@ -130,7 +135,6 @@ async def _run(settings: Settings, options: DemoOptions, worker: subprocess.Pope
                     )
                     sys.stdout.write(line if sys.stdout.isatty() else line.strip("\r") + "\n")
                     sys.stdout.flush()
-                previous = (now, fixes_in, fixes_out)
             if options.duration_s is not None and elapsed >= options.duration_s:
                 break
             if producer.done() and producer.exception() is not None:
