@@ -102,7 +102,7 @@ def _parse_ts(value: Any) -> int:
         seconds = parsed.timestamp()
         if seconds < 0:
             raise DecodeError("bad_timestamp", f"ts: {value!r} is before 1970")
-        return int(round(seconds * 1000))
+        return round(seconds * 1000)
     raise DecodeError("bad_timestamp", f"ts: expected RFC 3339 string or epoch milliseconds, got {_kind(value)}")
 
 
@@ -361,7 +361,7 @@ def load_schema(name: str) -> dict[str, Any]:
 
 
 @cache
-def _output_validator(name: str):  # noqa: ANN202
+def _output_validator(name: str):
     import fastjsonschema
 
     return fastjsonschema.compile(load_schema(name))

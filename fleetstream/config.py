@@ -6,6 +6,7 @@ Every field documents itself (``metadata["help"]``); the CLI turns each field in
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import types
@@ -152,7 +153,7 @@ def parse_value(name: str, raw: Any, type_: Any) -> Any:
             return int(str(raw).strip())
         if type_ is float:
             value = float(str(raw).strip())
-            if value != value or value in (float("inf"), float("-inf")):
+            if not math.isfinite(value):
                 raise ValueError("expected a finite number")
             return value
         if origin is tuple:

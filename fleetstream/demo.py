@@ -7,7 +7,6 @@ only adds the broker in front and a simulator behind, and reads the worker's ``/
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 import os
 import shutil
 import signal
@@ -16,6 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 

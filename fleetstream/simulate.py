@@ -133,7 +133,7 @@ def generate_records(config: SimulationConfig) -> Iterator[SimRecord]:
     """Keyed position records in (near) event-time order, with the configured share of imperfections."""
     rng = random.Random(config.seed)
     fleet = [_new_vehicle(i, config, rng) for i in range(config.vehicles)]
-    interval_ms = max(1, int(round(config.vehicles / config.rate_per_s * 1000)))
+    interval_ms = max(1, round(config.vehicles / config.rate_per_s * 1000))
     total_fixes = int(config.rate_per_s * config.duration_s)
     buffers: dict[str, list[tuple[dict, RecordKind]]] = {}
     held: dict[str, dict] = {}  # a fix held back to be sent after the next one (out of order)

@@ -70,7 +70,7 @@ def _is_trace(path: Path) -> bool:
 def _open_text(path: Path) -> IO[str]:
     if path.name.lower().endswith(".gz"):
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")  # noqa: SIM115
+    return open(path, encoding="utf-8", newline="")
 
 
 def _pick(header: list[str], names: tuple[str, ...]) -> int | None:
@@ -90,7 +90,7 @@ def parse_time_ms(text: str) -> int:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
-        return int(round(parsed.timestamp() * 1000))
+        return round(parsed.timestamp() * 1000)
     return int(number if number > 1e11 else number * 1000)
 
 
@@ -141,7 +141,7 @@ def _read_plt(path: Path) -> Iterator[TraceFix]:
                 altitude_ft = float(parts[3])
                 ts = datetime.fromisoformat(f"{parts[5]}T{parts[6]}").replace(tzinfo=UTC)
                 yield TraceFix(
-                    device_id, int(round(ts.timestamp() * 1000)), float(parts[0]), float(parts[1]),
+                    device_id, round(ts.timestamp() * 1000), float(parts[0]), float(parts[1]),
                     altitude_m=None if altitude_ft == PLT_MISSING_ALTITUDE else altitude_ft * FEET_TO_M,
                 )
             except ValueError as exc:

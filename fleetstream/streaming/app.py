@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import ChainMap
 import time
+from collections import ChainMap
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import faust
 import numpy as np
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from faust.types import TP, EventT
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from fleetstream.config import Settings
 from fleetstream.domain.models import DeviceState
+from fleetstream.observability.metrics import Metrics
 from fleetstream.streaming.kafka import ssl_context
 from fleetstream.streaming.output import BatchProducer
-from fleetstream.observability.metrics import Metrics
 from fleetstream.streaming.pipeline import BatchOutput, InRecord, PipelineStats, PositionPipeline
 
 log = logging.getLogger("fleetstream.worker")

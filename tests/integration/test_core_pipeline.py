@@ -11,6 +11,7 @@ import h3
 import orjson
 import pytest
 
+from fleetstream.codecs import validate_output
 from fleetstream.domain.geo import haversine_m
 from tests.integration.helpers import WorkerProcess, produce, read_topic, wait_for_count, worker_settings
 
@@ -100,7 +101,10 @@ def check_outputs(enriched, dead, valid, malformed_count):
     assert len(unique) == sum(len(v) for v in valid.values())
     assert len({(r.json()["partition"], r.json()["offset"], r.json().get("index")) for r in dead}) == malformed_count
     for e in unique.values():
+        validate_output("enriched_position", e)  # the published contract
         assert e["h3"] == h3.latlng_to_cell(e["lat"], e["lon"], 9)
+    for r in dead:
+        validate_output("deadletter", r.json())
     last_by_device: dict[str, dict] = {}
     for e in unique.values():
         if "filtered" in e:

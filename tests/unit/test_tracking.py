@@ -57,3 +57,14 @@ def test_odometer_is_sum_of_accepted_legs(raw):
             assert e.filtered is not None
     assert abs(state.odometer_m - expected) <= 1e-6 * max(1.0, expected)
     assert state.ts_ms == last[0]
+
+
+@given(st.floats(-89, 89), st.floats(-179, 179), st.floats(-89, 89), st.floats(-179, 179))
+def test_distance_bearing_matches_separate_formulas(lat1, lon1, lat2, lon2):
+    from fleetstream.domain.geo import bearing_deg, distance_bearing
+
+    distance, bearing = distance_bearing(lat1, lon1, lat2, lon2)
+    assert abs(distance - haversine_m(lat1, lon1, lat2, lon2)) <= 1e-6 * max(1.0, distance)
+    if distance > 1.0:
+        diff = abs(bearing - bearing_deg(lat1, lon1, lat2, lon2)) % 360.0
+        assert min(diff, 360.0 - diff) < 1e-6
