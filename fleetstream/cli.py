@@ -76,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
                                       "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile",
                                       "ssl_certfile", "ssl_keyfile", "tail_single_record"))
 
+    geofences = sub.add_parser("geofences", help="load, delete or list the geofences the cluster holds")
+    geo_sub = geofences.add_subparsers(dest="geofence_command", required=True, metavar="ACTION")
+    geo_load = geo_sub.add_parser("load", help="validate a GeoJSON file or directory and publish every geofence")
+    geo_load.add_argument("path", help="GeoJSON FeatureCollection/Feature file, or a directory of them")
+    geo_delete = geo_sub.add_parser("delete", help="publish tombstones: devices inside get an exit")
+    geo_delete.add_argument("ids", nargs="+", help="geofence ids")
+    geo_list = geo_sub.add_parser("list", help="print the geofences on the compacted topic")
+    geo_list.add_argument("--json", action="store_true", help="print the GeoJSON FeatureCollection")
+    geo_only = ("broker", "geofences_topic", "partitions", "max_geofence_vertices", "security_protocol",
+                "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile",
+                "tail_single_record")
+    for parser_ in (geo_load, geo_delete, geo_list):
+        _add_settings_flags(parser_, only=geo_only)
+
     broker = sub.add_parser("broker", help="run the embedded Tansu broker (Kafka protocol, memory storage)")
     broker.add_argument("--host", default="127.0.0.1")
     broker.add_argument("--port", type=int, default=9092)
@@ -116,6 +130,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run_replay(args)
     if args.command == "broker":
         return _run_broker(args)
+    if args.command == "geofences":
+        return _run_geofences(args)
     raise AssertionError(args.command)
 
 
@@ -170,6 +186,43 @@ def _run_replay(args: argparse.Namespace) -> int:
         print(f"fleetstream replay: error: {exc}", file=sys.stderr)
         return 2
     print(f"published {stats}")
+    return 0
+
+
+def _run_geofences(args: argparse.Namespace) -> int:
+    import orjson
+
+    from fleetstream.domain.geofences import GeofenceError, load_geofences
+    from fleetstream.streaming.geofence_feed import delete_geofences, publish_geofences, read_geofences
+    from fleetstream.streaming.topics import ensure_topics
+
+    settings = _settings_from(args)
+    if args.geofence_command == "load":
+        try:
+            fences = load_geofences(args.path, max_vertices=settings.max_geofence_vertices)
+        except (GeofenceError, FileNotFoundError) as exc:
+            print(f"fleetstream geofences: refused: {exc}", file=sys.stderr)
+            return 2
+
+        async def load() -> int:
+            await ensure_topics(settings)
+            return await publish_geofences(settings, fences)
+
+        print(f"published {asyncio.run(load())} geofences to {settings.geofences_topic}")
+        return 0
+    if args.geofence_command == "delete":
+        count = asyncio.run(delete_geofences(settings, args.ids))
+        print(f"published {count} tombstones to {settings.geofences_topic}")
+        return 0
+    held = asyncio.run(read_geofences(settings))
+    if args.json:
+        print(orjson.dumps({"type": "FeatureCollection", "features": list(held.values())},
+                           option=orjson.OPT_INDENT_2).decode())
+    else:
+        for fence_id, feature in sorted(held.items()):
+            props = feature.get("properties") or {}
+            print(f"{fence_id}\t{feature['geometry']['type']}\t{props.get('name', '')}")
+        print(f"{len(held)} geofences", file=sys.stderr)
     return 0
 
 

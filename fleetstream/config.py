@@ -71,6 +71,16 @@ class Settings:
     max_message_bytes: int = _opt(1_048_576, "Larger input messages are dead-lettered", min=64)
     max_batch_items: int = _opt(1000, "Most fixes in one array message", min=1)
     stop_speed_kmh: float = _opt(3.0, "At or below this speed a device counts as stopped", min=0)
+    # --- geofences (defaults; each geofence may override them in its properties) -----------------------
+    geofences_file: str = _opt("", "GeoJSON file or directory of geofences to publish and load at start")
+    geofence_enter_after_s: float = _opt(0.0, "Time inside before an enter is confirmed", min=0)
+    geofence_exit_after_s: float = _opt(0.0, "Time outside before an exit is confirmed", min=0)
+    geofence_exit_buffer_m: float = _opt(0.0, "Distance beyond the boundary before a device counts as outside", min=0)
+    geofence_min_accuracy_m: float = _opt(
+        0.0, "Fixes reporting a worse accuracy do not change geofence state (0: off)", min=0
+    )
+    geofence_dwell_s: float = _opt(0.0, "Emit one dwell event after this long inside (0: off)", min=0)
+    max_geofence_vertices: int = _opt(10_000, "Geofences with more vertices are refused", min=4)
     # --- storage and serving ------------------------------------------------------------------------------
     data_dir: str = _opt("fleetstream-data", "Directory for table storage (RocksDB) and worker state")
     table_store: str = _opt(

@@ -74,7 +74,8 @@ class DeviceState(NamedTuple):
     motion: Motion = Motion.UNKNOWN
     fixes: int = 0  # accepted fixes so far
     h3: str | None = None
-    geofences: tuple[str, ...] = ()
+    geofences: tuple[str, ...] = ()  # what the index said for the last accepted fix
+    fences: dict[str, list[Any]] | None = None  # geofence memberships (transitions.memberships_to_json)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -89,6 +90,7 @@ class DeviceState(NamedTuple):
             "fixes": self.fixes,
             "h3": self.h3,
             "geofences": list(self.geofences),
+            "fences": self.fences,
         }
 
     @classmethod
@@ -105,4 +107,5 @@ class DeviceState(NamedTuple):
             fixes=int(data.get("fixes", 0)),
             h3=data.get("h3"),
             geofences=tuple(data.get("geofences", ())),
+            fences=data.get("fences") or None,
         )

@@ -71,6 +71,7 @@ def step_position(
         derived_speed = derived_heading = None
         fixes = 0
         geofences: tuple[str, ...] = ()
+        fences = None
     else:
         distance_m, bearing = distance_bearing(state.lat, state.lon, fix.lat, fix.lon)
         derived_speed = distance_m / (fix.ts_ms - state.ts_ms) * 3600.0
@@ -78,6 +79,7 @@ def step_position(
         odometer_m = state.odometer_m + distance_m
         fixes = state.fixes
         geofences = state.geofences
+        fences = state.fences
 
     if reported_speed is not None:
         speed, speed_source = reported_speed, "reported"
@@ -96,7 +98,8 @@ def step_position(
     else:
         motion = _STOPPED if speed <= config.stop_speed_kmh else _MOVING
     new_state = DeviceState(
-        fix.device_id, fix.ts_ms, fix.lat, fix.lon, odometer_m, speed, heading, motion, fixes + 1, cell, geofences
+        fix.device_id, fix.ts_ms, fix.lat, fix.lon, odometer_m, speed, heading, motion, fixes + 1, cell, geofences,
+        fences,
     )
     return new_state, Enrichment(
         cell, cells, distance_m, odometer_m, speed, speed_source, heading, heading_source, motion, None

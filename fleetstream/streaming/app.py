@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from fleetstream.config import Settings
 from fleetstream.domain.models import DeviceState
 from fleetstream.observability.metrics import Metrics
+from fleetstream.streaming.geofence_feed import GeofenceFeed
 from fleetstream.streaming.kafka import ssl_context
 from fleetstream.streaming.output import BatchProducer
 from fleetstream.streaming.pipeline import BatchOutput, InRecord, PipelineStats, PositionPipeline
@@ -125,6 +126,7 @@ class PositionWorker:
         self.stats = PipelineStats()
         self.pipeline: PositionPipeline | None = None
         self.output: BatchProducer | None = None
+        self.geofences: GeofenceFeed | None = None
         self._next_offsets: dict[int, int] = {}
         self.max_inflight = 2
         self._inflight: set[asyncio.Future[None]] = set()
@@ -143,9 +145,15 @@ class PositionWorker:
                 "following their input partition", self.settings.positions_topic, n_in,
                 self.settings.enriched_topic, n_out,
             )
+        self.geofences = GeofenceFeed(self.settings)
+        await self.geofences.start()
+        try:  # a fix matched against a half-loaded geofence set would give false transitions
+            await asyncio.wait_for(self.geofences.ready.wait(), timeout=60)
+        except TimeoutError:
+            log.warning("geofences not fully loaded after 60 s; processing with what has arrived")
         self.pipeline = PositionPipeline(
             self.settings, self.state, changelog_topic=self.state.table.changelog_topic_name,
-            copartitioned=n_in == n_out, stats=self.stats,
+            copartitioned=n_in == n_out, stats=self.stats, geofences=self.geofences.current,
         )
 
     async def handle(self, events: Sequence[EventT]) -> None:
@@ -223,6 +231,10 @@ class PositionWorker:
         topic = self.settings.positions_topic
         assigned = [tp for tp in consumer.assignment() if tp.topic == topic]
         m.assigned_partitions.labels(topic).set(len(assigned))
+        if self.geofences is not None:
+            index = self.geofences.index
+            m.geofences.set(len(index) if index is not None else 0)
+            m.index_rebuild_seconds.set(self.geofences.last_rebuild_s)
         for tp in assigned:
             highwater = consumer.highwater(tp)
             next_offset = self._next_offsets.get(tp.partition)
@@ -258,6 +270,8 @@ class PositionWorker:
         topic = self.settings.positions_topic
         m.input_messages.labels(topic).inc(output.messages)
         m.input_records.labels(topic).inc(output.fixes)
+        for kind, count in output.transitions.items():
+            m.geofence_transitions.labels(kind).inc(count)
         for (out_topic, _), found in offsets.items():
             m.output_records.labels(out_topic).inc(len(found))
         for reason, count in output.deadlettered.items():
@@ -326,7 +340,13 @@ def create_app(
 
     @app.page("/status")
     async def status(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
-        return web.json({"app_id": settings.app_id, **worker.stats.as_dict()})
+        feed = worker.geofences
+        return web.json({
+            "app_id": settings.app_id, **worker.stats.as_dict(),
+            "geofences": len(feed.index) if feed is not None and feed.index is not None else 0,
+            "geofences_rejected": feed.rejected if feed is not None else 0,
+            "geofence_rebuilds": feed.rebuilds if feed is not None else 0,
+        })
 
     @app.page("/health")
     async def health(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:

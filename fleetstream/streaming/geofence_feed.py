@@ -60,6 +60,16 @@ class GeofenceFeed:
             await self._consumer.stop()
 
     async def _run(self) -> None:
+        while True:  # a broker hiccup must not leave the worker with a frozen geofence set
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("geofence feed failed; retrying in 1 s")
+                await asyncio.sleep(1.0)
+
+    async def _follow(self) -> None:
         assert self._consumer is not None
         topic = self.settings.geofences_topic
         partitions = self._consumer.partitions_for_topic(topic)
@@ -88,7 +98,10 @@ class GeofenceFeed:
     async def _caught_up(self, tps: list[TopicPartition]) -> bool:
         assert self._consumer is not None
         ends = await self._consumer.end_offsets(tps)
-        return all(await self._consumer.position(tp) >= end for tp, end in ends.items())
+        for tp, end in ends.items():
+            if await self._consumer.position(tp) < end:
+                return False
+        return True
 
     async def _apply(self, changes: Mapping[str, bytes | None]) -> None:
         upserts: list[Geofence] = []
@@ -98,7 +111,7 @@ class GeofenceFeed:
                 deletes.append(fence_id)
                 continue
             try:
-                fence = parse_geofence(orjson.loads(value))
+                fence = parse_geofence(orjson.loads(value), max_vertices=self.settings.max_geofence_vertices)
                 if fence.id != fence_id:
                     raise GeofenceError(f"geofence {fence.id!r}: message key {fence_id!r} differs from its id")
             except (GeofenceError, ValueError, orjson.JSONDecodeError) as exc:

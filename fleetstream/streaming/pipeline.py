@@ -19,7 +19,15 @@ import orjson
 
 from fleetstream.codecs import CodecLimits, DecodeError, deadletter_record, decode_positions, dumps, format_ts
 from fleetstream.config import Settings
+from fleetstream.domain.geoindex import GeofenceIndex
 from fleetstream.domain.models import DeviceState, Position
+from fleetstream.domain.transitions import (
+    GeofenceEvent,
+    TransitionDefaults,
+    memberships_from_json,
+    memberships_to_json,
+)
+from fleetstream.domain.transitions import step as transition_step
 from fleetstream.domain.tracking import Enrichment, TrackingConfig, step_position
 from fleetstream.streaming.output import OutRecord
 
@@ -38,8 +46,6 @@ class StateReader(Protocol):
     def get(self, partition: int, key: bytes) -> bytes | None: ...
 
 
-class GeofenceLookup(Protocol):
-    def lookup(self, lats: np.ndarray, lons: np.ndarray) -> list[tuple[str, ...]]: ...
 
 
 @dataclass(slots=True)
@@ -54,6 +60,7 @@ class BatchOutput:
     filtered: Counter[str] = field(default_factory=Counter)
     fix_ts_ms: list[int] = field(default_factory=list)  # accepted fixes' event times, for the lag histogram
     new_states: dict[str, tuple[int, DeviceState]] = field(default_factory=dict)  # device -> (partition, state)
+    transitions: Counter[str] = field(default_factory=Counter)  # geofence events by type
 
     def merge(self, other: BatchOutput) -> None:
         self.records.extend(other.records)
@@ -64,6 +71,7 @@ class BatchOutput:
         self.filtered.update(other.filtered)
         self.fix_ts_ms.extend(other.fix_ts_ms)
         self.new_states.update(other.new_states)
+        self.transitions.update(other.transitions)
 
 
 @dataclass(slots=True)
@@ -75,6 +83,7 @@ class PipelineStats:
     enriched: int = 0
     deadlettered: Counter[str] = field(default_factory=Counter)
     filtered: Counter[str] = field(default_factory=Counter)
+    transitions: Counter[str] = field(default_factory=Counter)
     batches: int = 0
     devices: set[str] = field(default_factory=set)
     # wall clock (time.time) and process CPU (time.process_time) at the first batch and after the last flush:
@@ -91,6 +100,7 @@ class PipelineStats:
         self.enriched += out.enriched
         self.deadlettered.update(out.deadlettered)
         self.filtered.update(out.filtered)
+        self.transitions.update(out.transitions)
 
     def mark_batch_start(self) -> None:
         if self.first_batch_wall_s is None:
@@ -105,7 +115,8 @@ class PipelineStats:
         return {
             "messages_in": self.messages_in, "fixes_in": self.fixes_in, "enriched": self.enriched,
             "deadlettered": sum(self.deadlettered.values()), "deadlettered_by_reason": dict(self.deadlettered),
-            "filtered_by_reason": dict(self.filtered), "batches": self.batches,
+            "filtered_by_reason": dict(self.filtered), "geofence_events": dict(self.transitions),
+            "batches": self.batches,
             "devices_seen": len(self.devices),
             "first_batch_wall_s": self.first_batch_wall_s, "first_batch_cpu_s": self.first_batch_cpu_s,
             "last_flush_wall_s": self.last_flush_wall_s, "last_flush_cpu_s": self.last_flush_cpu_s,
@@ -122,7 +133,7 @@ class PositionPipeline:
         *,
         changelog_topic: str,
         copartitioned: bool = True,
-        geofences: Callable[[], GeofenceLookup | None] = lambda: None,
+        geofences: Callable[[], GeofenceIndex | None] = lambda: None,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         stats: PipelineStats | None = None,
     ) -> None:
@@ -137,6 +148,11 @@ class PositionPipeline:
             h3_resolution=settings.h3_resolution,
             extra_resolutions=tuple(r for r in settings.h3_extra_resolutions if r != settings.h3_resolution),
             stop_speed_kmh=settings.stop_speed_kmh,
+        )
+        self.transition_defaults = TransitionDefaults(
+            dwell_s=settings.geofence_dwell_s, enter_after_s=settings.geofence_enter_after_s,
+            exit_after_s=settings.geofence_exit_after_s, exit_buffer_m=settings.geofence_exit_buffer_m,
+            min_accuracy_m=settings.geofence_min_accuracy_m,
         )
         self.limits = CodecLimits(
             max_message_bytes=settings.max_message_bytes,
@@ -163,12 +179,14 @@ class PositionPipeline:
             return out
 
         index = self.geofences()
-        if index is not None:
+        if index is not None and len(index):
             lats = np.fromiter((fix.lat for _, _, fix in accepted), dtype=np.float64, count=len(accepted))
             lons = np.fromiter((fix.lon for _, _, fix in accepted), dtype=np.float64, count=len(accepted))
             inside: Sequence[tuple[str, ...]] = index.lookup(lats, lons)
         else:
+            index = None
             inside = [()] * len(accepted)
+        events_topic = self.settings.geofence_events_topic
 
         states = out.new_states
         pending = pending or {}
@@ -189,6 +207,8 @@ class PositionPipeline:
             if enrichment.filtered is None:
                 if fences != new_state.geofences:
                     new_state = new_state._replace(geofences=fences)
+                if index is not None or new_state.fences:
+                    new_state = self._transitions(out, record, previous, new_state, fix, fences, index, events_topic)
                 states[device_id] = (record.partition, new_state)
             else:
                 out.filtered[enrichment.filtered.value] += 1
@@ -204,6 +224,21 @@ class PositionPipeline:
             out.records.append(OutRecord(self.changelog_topic, key, value, partition))
             self.stats.devices.add(device_id)
         return out
+
+    def _transitions(
+        self, out: BatchOutput, record: InRecord, previous: DeviceState | None, state: DeviceState, fix: Position,
+        fences: tuple[str, ...], index: GeofenceIndex | None, events_topic: str,
+    ) -> DeviceState:
+        """Geofence enter/exit/dwell/cross for one accepted fix; events go out keyed by device."""
+        memberships = memberships_from_json(previous.fences if previous is not None else None)
+        new_memberships, events = transition_step(
+            memberships, previous, fix, fences, index or _NO_GEOFENCES, self.transition_defaults  # type: ignore[arg-type]
+        )
+        partition = record.partition if self.copartitioned else None
+        for event in events:
+            out.transitions[event.type.value] += 1
+            out.records.append(OutRecord(events_topic, record.key, dumps(geofence_event_dict(event)), partition))
+        return state._replace(fences=memberships_to_json(new_memberships) or None)
 
     def internal_error(self, record: InRecord, exc: Exception) -> BatchOutput:
         """The output for a record the pipeline failed on: one dead letter naming the error."""
@@ -224,6 +259,22 @@ class PositionPipeline:
 def event_id(record: InRecord, index: int) -> str:
     """Stable across replays: the same input record and array index always give the same id."""
     return f"{record.partition}-{record.offset}-{index}"
+
+
+def geofence_event_dict(event: GeofenceEvent) -> dict[str, object]:
+    """The ``fleet.geofence.events`` message (schemas/geofence_event.json)."""
+    out: dict[str, object] = {
+        "event_id": event.event_id, "type": event.type, "device_id": event.device_id,
+        "geofence_id": event.geofence_id, "ts": format_ts(event.ts_ms), "lat": event.lat, "lon": event.lon,
+    }
+    if event.dwell_s is not None:
+        out["dwell_s"] = event.dwell_s
+    if event.reason is not None:
+        out["reason"] = event.reason
+    return out
+
+
+_NO_GEOFENCES = GeofenceIndex.empty()
 
 
 def enriched_dict(

@@ -8,7 +8,9 @@ import logging
 import faust
 
 from fleetstream.config import Settings
+from fleetstream.domain.geofences import load_geofences
 from fleetstream.streaming.app import create_app
+from fleetstream.streaming.geofence_feed import publish_geofences
 from fleetstream.streaming.topics import ensure_topics
 
 
@@ -28,6 +30,9 @@ def run_worker(settings: Settings) -> int:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(ensure_topics(settings))
+    if settings.geofences_file:  # validated whole before anything is published; a bad file stops the start
+        fences = load_geofences(settings.geofences_file, max_vertices=settings.max_geofence_vertices)
+        loop.run_until_complete(publish_geofences(settings, fences))
     app = create_app(settings)
     level = getattr(logging, settings.log_level.upper())
     worker = _Worker(app, loglevel=settings.log_level, loop=loop, fleetstream_level=level)

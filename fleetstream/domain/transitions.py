@@ -1,0 +1,169 @@
+"""Geofence transitions per device: enter / exit / dwell / cross, without flapping.
+
+``step(memberships, last, fix, inside, index, defaults)`` is pure: given what the device was confirmed inside
+(and any unconfirmed run), its previous accepted fix and the geofences the index says contain the new fix, it
+returns the new memberships and the events. Anti-flapping, per geofence with worker-wide defaults:
+
+- ``enter_after_s`` / ``exit_after_s``: the new side must hold this long before the transition is confirmed; the
+  event carries the time and place of the first fix of the confirmed run.
+- ``exit_buffer_m``: a device inside stays inside until it is this far beyond the boundary.
+- ``min_accuracy_m``: fixes reporting a worse accuracy change nothing for that geofence.
+
+With all of them 0 the events are exactly the differences between consecutive fixes' geofence sets. A geofence
+that disappears from the index gives an ``exit`` with ``reason: geofence_deleted`` on the device's next fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, NamedTuple, Protocol
+
+from fleetstream.domain.geofences import FenceSettings, Geofence
+from fleetstream.domain.models import Position
+
+
+class GeofenceEventType(StrEnum):
+    ENTER = "enter"
+    EXIT = "exit"
+    DWELL = "dwell"
+    CROSS = "cross"
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionDefaults:
+    """Worker-wide defaults, overridden per geofence by its properties."""
+
+    dwell_s: float = 0.0
+    enter_after_s: float = 0.0
+    exit_after_s: float = 0.0
+    exit_buffer_m: float = 0.0
+    min_accuracy_m: float = 0.0
+
+    def resolve(self, own: FenceSettings) -> TransitionDefaults:
+        return TransitionDefaults(
+            *(self_value if value is None else value for self_value, value in (
+                (self.dwell_s, own.dwell_s), (self.enter_after_s, own.enter_after_s),
+                (self.exit_after_s, own.exit_after_s), (self.exit_buffer_m, own.exit_buffer_m),
+                (self.min_accuracy_m, own.min_accuracy_m),
+            ))
+        )
+
+
+class Membership(NamedTuple):
+    """One device's standing with one geofence. Kept only while inside or while a run is pending."""
+
+    inside: bool  # confirmed state
+    since_ms: int  # when the confirmed inside began (its first fix)
+    dwell_done: bool
+    pending_ms: int | None = None  # first fix of an unconfirmed run on the other side
+    pending_lat: float = 0.0
+    pending_lon: float = 0.0
+
+    def to_list(self) -> list[Any]:
+        return [int(self.inside), self.since_ms, int(self.dwell_done), self.pending_ms, self.pending_lat,
+                self.pending_lon]
+
+    @classmethod
+    def from_list(cls, raw: list[Any]) -> Membership:
+        return cls(bool(raw[0]), int(raw[1]), bool(raw[2]), raw[3], float(raw[4]), float(raw[5]))
+
+
+class GeofenceEvent(NamedTuple):
+    type: GeofenceEventType
+    device_id: str
+    geofence_id: str
+    ts_ms: int
+    lat: float
+    lon: float
+    dwell_s: float | None = None
+    reason: str | None = None
+
+    @property
+    def event_id(self) -> str:
+        """Stable across replays: the same transition always gets the same id."""
+        return f"{self.device_id}:{self.geofence_id}:{self.type.value}:{self.ts_ms}"
+
+
+class FenceIndex(Protocol):
+    def get(self, fence_id: str) -> Geofence | None: ...
+    def distance_outside_m(self, fence_id: str, lat: float, lon: float) -> float: ...
+    def fences_crossed(self, lat1: float, lon1: float, lat2: float, lon2: float) -> tuple[str, ...]: ...
+
+
+Memberships = Mapping[str, Membership]
+_ENTER, _EXIT, _DWELL, _CROSS = (GeofenceEventType.ENTER, GeofenceEventType.EXIT, GeofenceEventType.DWELL,
+                                 GeofenceEventType.CROSS)
+
+
+def step(
+    memberships: Memberships,
+    last: Position | None,
+    fix: Position,
+    inside: tuple[str, ...],
+    index: FenceIndex,
+    defaults: TransitionDefaults = TransitionDefaults(),
+) -> tuple[dict[str, Membership], list[GeofenceEvent]]:
+    """Advance one device by one accepted fix (the caller drops fixes not newer than ``last``)."""
+    if not memberships and not inside and (last is None or not _any_cross(index)):
+        return {}, []
+    events: list[GeofenceEvent] = []
+    result: dict[str, Membership] = {}
+    now = fix.ts_ms
+    for fence_id in sorted(set(memberships) | set(inside)):
+        member = memberships.get(fence_id)
+        fence = index.get(fence_id)
+        if fence is None:  # deleted while the device was inside (or pending)
+            if member is not None and member.inside:
+                events.append(GeofenceEvent(_EXIT, fix.device_id, fence_id, now, fix.lat, fix.lon,
+                                            (now - member.since_ms) / 1000.0, "geofence_deleted"))
+            continue
+        rules = defaults.resolve(fence.settings)
+        if member is None:
+            member = Membership(False, 0, False)
+        if rules.min_accuracy_m and fix.accuracy_m is not None and fix.accuracy_m > rules.min_accuracy_m:
+            if member.inside or member.pending_ms is not None:
+                result[fence_id] = member
+            continue
+        observed = fence_id in inside
+        if member.inside and not observed and rules.exit_buffer_m > 0:
+            observed = index.distance_outside_m(fence_id, fix.lat, fix.lon) < rules.exit_buffer_m
+        if observed == member.inside:
+            member = member._replace(pending_ms=None)
+        else:
+            if member.pending_ms is None:
+                member = member._replace(pending_ms=now, pending_lat=fix.lat, pending_lon=fix.lon)
+            wait_ms = (rules.enter_after_s if observed else rules.exit_after_s) * 1000.0
+            if now - member.pending_ms >= wait_ms:
+                at_ms, lat, lon = member.pending_ms, member.pending_lat, member.pending_lon
+                if observed:
+                    events.append(GeofenceEvent(_ENTER, fix.device_id, fence_id, at_ms, lat, lon))
+                    member = Membership(True, at_ms, False)
+                else:
+                    events.append(GeofenceEvent(_EXIT, fix.device_id, fence_id, at_ms, lat, lon,
+                                                (at_ms - member.since_ms) / 1000.0))
+                    member = Membership(False, 0, False)
+        if member.inside and rules.dwell_s > 0 and not member.dwell_done and now - member.since_ms >= rules.dwell_s * 1000:
+            events.append(GeofenceEvent(_DWELL, fix.device_id, fence_id, now, fix.lat, fix.lon, rules.dwell_s))
+            member = member._replace(dwell_done=True)
+        if member.inside or member.pending_ms is not None:
+            result[fence_id] = member
+    if last is not None:
+        for fence_id in index.fences_crossed(last.lat, last.lon, fix.lat, fix.lon):
+            was = memberships.get(fence_id)
+            if fence_id not in inside and not (was is not None and was.inside) and fence_id not in result:
+                events.append(GeofenceEvent(_CROSS, fix.device_id, fence_id, now, fix.lat, fix.lon))
+    return result, events
+
+
+def _any_cross(index: FenceIndex) -> bool:
+    return bool(getattr(index, "has_cross", True))
+
+
+def memberships_to_json(memberships: Memberships) -> dict[str, list[Any]]:
+    return {fence_id: m.to_list() for fence_id, m in memberships.items()}
+
+
+def memberships_from_json(raw: Mapping[str, list[Any]] | None) -> dict[str, Membership]:
+    return {fence_id: Membership.from_list(v) for fence_id, v in (raw or {}).items()}
