@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.throughput import make_messages, work  # noqa: E402
-from fleetstream.codecs import decode_positions  # noqa: E402
-from fleetstream.config import Settings  # noqa: E402
-from fleetstream.streaming.pipeline import InRecord, PositionPipeline  # noqa: E402
+from benchmarks.throughput import make_messages, work
+from fleetstream.codecs import decode_positions
+from fleetstream.config import Settings
+from fleetstream.streaming.pipeline import InRecord, PositionPipeline
 
 
 class DictState(dict):

@@ -36,10 +36,10 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fleetstream.codecs import DecodeError, decode_positions, format_ts  # noqa: E402
-from fleetstream.config import Settings  # noqa: E402
-from fleetstream.embedded import EmbeddedBroker, free_port  # noqa: E402
-from fleetstream.streaming.topics import TopicSpec, ensure_topics  # noqa: E402
+from fleetstream.codecs import DecodeError, decode_positions, format_ts
+from fleetstream.config import Settings
+from fleetstream.embedded import EmbeddedBroker, free_port
+from fleetstream.streaming.topics import TopicSpec, ensure_topics
 
 START_MS = 1_780_000_000_000
 

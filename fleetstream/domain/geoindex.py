@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import h3
 import numpy as np
 import shapely
+import shapely.ops
 from shapely.geometry import Polygon
 
 from fleetstream.domain.geo import EARTH_RADIUS_M, destination

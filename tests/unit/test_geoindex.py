@@ -1,0 +1,261 @@
+"""GeofenceIndex against a brute-force reference: shapely covers for polygons, haversine for circles, a densely
+sampled great circle for corridors. Points within 1 cm of a boundary are not judged."""
+
+from __future__ import annotations
+
+import gzip
+import math
+
+import h3
+import numpy as np
+import orjson
+import pytest
+import shapely
+import shapely.ops
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from fleetstream.domain.geo import destination, haversine_m
+from fleetstream.domain.geofences import GeofenceError, GeofenceKind, geofence_to_feature, load_geofences, parse_geofence
+from fleetstream.domain.geoindex import GeofenceIndex, parent_cells
+
+TOLERANCE_M = 0.01
+
+
+def polygon_feature(fence_id, rings, **props):
+    return {"type": "Feature", "id": fence_id, "geometry": {"type": "Polygon", "coordinates": rings}, "properties": props}
+
+
+def star(lat, lon, radius_m, radii, rotation=0.0):
+    """A star-shaped (possibly concave) ring: never self-intersecting."""
+    n = len(radii)
+    ring = []
+    for k, r in enumerate(radii):
+        p = destination(lat, lon, rotation + 360.0 * k / n, radius_m * r)
+        ring.append([p[1], p[0]])
+    ring.append(ring[0])
+    return ring
+
+
+def sampled_corridor_distance(coords, lat, lon, step_m=0.05):
+    """Reference: the minimum haversine distance to points sampled every few cm along each great-circle segment
+    (only near segments; the sampling error is below a millimetre at these distances)."""
+    best = math.inf
+    for (lon1, lat1), (lon2, lat2) in zip(coords, coords[1:], strict=False):
+        length = haversine_m(lat1, lon1, lat2, lon2)
+        # coarse pass to find the nearest stretch, then fine sampling around it
+        n = max(2, int(length / 5.0))
+        pts = [_interp(lat1, lon1, lat2, lon2, i / n) for i in range(n + 1)]
+        d = [haversine_m(lat, lon, a, b) for a, b in pts]
+        i = int(np.argmin(d))
+        lo, hi = max(0, i - 1) / n, min(n, i + 1) / n
+        m = max(2, int((hi - lo) * length / step_m))
+        for j in range(m + 1):
+            a, b = _interp(lat1, lon1, lat2, lon2, lo + (hi - lo) * j / m)
+            best = min(best, haversine_m(lat, lon, a, b))
+    return best
+
+
+def _interp(lat1, lon1, lat2, lon2, f):
+    """Point at fraction f along the great circle."""
+    p1, l1, p2, l2 = map(math.radians, (lat1, lon1, lat2, lon2))
+    d = 2 * math.asin(math.sqrt(math.sin((p2 - p1) / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin((l2 - l1) / 2) ** 2))
+    if d == 0:
+        return lat1, lon1
+    a = math.sin((1 - f) * d) / math.sin(d)
+    b = math.sin(f * d) / math.sin(d)
+    x = a * math.cos(p1) * math.cos(l1) + b * math.cos(p2) * math.cos(l2)
+    y = a * math.cos(p1) * math.sin(l1) + b * math.cos(p2) * math.sin(l2)
+    z = a * math.sin(p1) + b * math.sin(p2)
+    return math.degrees(math.atan2(z, math.hypot(x, y))), math.degrees(math.atan2(y, x))
+
+
+def reference(fences, lat, lon):
+    """Sorted ids containing the point, or None when the point is within 1 cm of some boundary."""
+    inside = []
+    for fence in fences:
+        if fence.kind is GeofenceKind.POLYGON:
+            point = shapely.Point(lon, lat)
+            if shapely.distance(fence.geometry.boundary, point) * 111_320 < 0.02:
+                # near the edge in degrees: judge by metres to the boundary
+                nearest = shapely.ops.nearest_points(fence.geometry.boundary, point)[0]
+                if haversine_m(lat, lon, nearest.y, nearest.x) < TOLERANCE_M:
+                    return None
+            ok = fence.geometry.covers(point)
+        elif fence.kind is GeofenceKind.CIRCLE:
+            d = haversine_m(fence.geometry.y, fence.geometry.x, lat, lon)
+            if abs(d - fence.radius_m) < TOLERANCE_M:
+                return None
+            ok = d <= fence.radius_m
+        else:
+            d = sampled_corridor_distance(list(fence.geometry.coords), lat, lon)
+            if abs(d - fence.radius_m) < TOLERANCE_M * 2:
+                return None
+            ok = d <= fence.radius_m
+        if ok:
+            inside.append(fence.id)
+    return tuple(sorted(inside))
+
+
+@st.composite
+def fence_sets(draw):
+    lat0 = draw(st.floats(-75, 75))
+    lon0 = draw(st.floats(-170, 170))
+    fences = []
+    for i in range(draw(st.integers(1, 6))):
+        kind = draw(st.sampled_from(["convex", "concave", "holes", "multi", "circle", "corridor"]))
+        size_m = draw(st.floats(50, 200_000))
+        lat, lon = destination(lat0, lon0, draw(st.floats(0, 360)), draw(st.floats(0, size_m)))
+        fid = f"f{i}"
+        if kind in ("convex", "concave"):
+            n = draw(st.integers(3, 40))
+            radii = [1.0] * n if kind == "convex" else draw(st.lists(st.floats(0.3, 1.0), min_size=n, max_size=n))
+            feature = polygon_feature(fid, [star(lat, lon, size_m, radii, draw(st.floats(0, 90)))])
+        elif kind == "holes":
+            outer = star(lat, lon, size_m, [1.0] * 12)
+            hole = star(lat, lon, size_m * 0.4, [1.0] * 7)[::-1]
+            feature = polygon_feature(fid, [outer, hole])
+        elif kind == "multi":
+            a = star(lat, lon, size_m / 3, [1.0] * 8)
+            blat, blon = destination(lat, lon, 90.0, size_m)
+            b = star(blat, blon, size_m / 3, [0.6, 1.0] * 5)
+            feature = {"type": "Feature", "id": fid, "geometry": {"type": "MultiPolygon", "coordinates": [[a], [b]]}}
+        elif kind == "circle":
+            feature = {"type": "Feature", "id": fid, "geometry": {"type": "Point", "coordinates": [lon, lat]},
+                       "properties": {"radius_m": size_m / 4}}
+        else:
+            length = min(size_m, 20_000)
+            points = [(lat, lon)]
+            for _ in range(draw(st.integers(1, 3))):
+                points.append(destination(*points[-1], draw(st.floats(0, 360)), length / 2))
+            feature = {"type": "Feature", "id": fid,
+                       "geometry": {"type": "LineString", "coordinates": [[p[1], p[0]] for p in points]},
+                       "properties": {"buffer_m": draw(st.floats(5, 500))}}
+        try:
+            fences.append(parse_geofence(feature))
+        except GeofenceError:
+            continue  # e.g. a multipolygon whose parts touch: not a valid fence, not what is tested here
+    return fences, lat0, lon0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target])  # shrinking these is slow
+@given(fence_sets(), st.data())
+def test_index_equals_brute_force(case, data):
+    fences, lat0, lon0 = case
+    if not fences:
+        return
+    index = GeofenceIndex.build(fences)
+    lats, lons = [], []
+    for _ in range(60):
+        # random points near the fences and points right at their boundaries
+        if data.draw(st.booleans()):
+            fence = data.draw(st.sampled_from(fences))
+            if fence.kind is GeofenceKind.CIRCLE:
+                lat, lon = destination(fence.geometry.y, fence.geometry.x, data.draw(st.floats(0, 360)), fence.radius_m)
+            else:
+                edge = fence.geometry.boundary if fence.kind is GeofenceKind.POLYGON else fence.geometry
+                p = shapely.line_interpolate_point(edge, data.draw(st.floats(0, 1)), normalized=True)
+                lat, lon = p.y, p.x
+            lat, lon = destination(lat, lon, data.draw(st.floats(0, 360)), data.draw(st.floats(0, 2_000)))
+        else:
+            lat, lon = destination(lat0, lon0, data.draw(st.floats(0, 360)), data.draw(st.floats(0, 300_000)))
+        lats.append(lat)
+        lons.append(lon)
+    got = index.lookup(np.array(lats), np.array(lons))
+    for lat, lon, answer in zip(lats, lons, got, strict=True):
+        expected = reference(fences, lat, lon)
+        if expected is not None:
+            assert answer == expected, (lat, lon)
+
+
+def test_parent_cells_match_h3():
+    rng = np.random.default_rng(3)
+    lats, lons = rng.uniform(-80, 80, 500), rng.uniform(-180, 180, 500)
+    cells = np.array([h3.api.basic_int.latlng_to_cell(a, o, 12) for a, o in zip(lats, lons, strict=True)], dtype=np.uint64)
+    for res in range(13):
+        got = parent_cells(cells, res)
+        assert [int(c) for c in got] == [h3.api.basic_int.cell_to_parent(int(c), res) for c in cells]
+
+
+def test_with_changes_equals_a_fresh_build():
+    a = parse_geofence(polygon_feature("a", [star(53.4, -2.98, 800, [1.0, 0.5] * 6)]))
+    b = parse_geofence({"type": "Feature", "id": "b", "geometry": {"type": "Point", "coordinates": [-2.975, 53.402]},
+                        "properties": {"radius_m": 500}})
+    moved = parse_geofence(polygon_feature("a", [star(53.403, -2.97, 600, [1.0] * 9)]))
+    c = parse_geofence(polygon_feature("c", [star(53.41, -2.99, 300, [1.0] * 5)]))
+    rng = np.random.default_rng(1)
+    lats, lons = 53.4 + rng.uniform(-0.02, 0.02, 3000), -2.98 + rng.uniform(-0.03, 0.03, 3000)
+    changed = GeofenceIndex.build([a, b]).with_changes([moved, c], ["b"])
+    assert changed.lookup(lats, lons) == GeofenceIndex.build([moved, c]).lookup(lats, lons)
+    assert [f.id for f in changed.fences] == ["a", "c"]
+
+
+def test_interior_cells_are_used_and_memory_is_reported():
+    fence = parse_geofence(polygon_feature("big", [star(53.4, -2.98, 5000, [1.0] * 30)]))
+    index = GeofenceIndex.build([fence])
+    cover = index._covers["big"]
+    assert len(cover.interior) > 0 and len(cover.boundary) > 0
+    assert index.memory_bytes() > cover.interior.nbytes + cover.boundary.nbytes
+
+
+def test_tsinghua_campus_against_brute_force_on_geolife(shared_data):
+    feature = orjson.loads((shared_data / "geolife" / "tsinghua_wgs84.geojson").read_bytes())["features"][0]
+    fence = parse_geofence({**feature, "id": "tsinghua"})
+    index = GeofenceIndex.build([fence])
+    with gzip.open(shared_data / "geolife" / "geolife_sample.txt.gz", "rt") as handle:
+        next(handle)
+        rows = [line.split(",") for line in handle]
+    lats = np.array([float(r[0]) for r in rows])
+    lons = np.array([float(r[1]) for r in rows])
+    got = index.lookup(lats, lons)
+    expected = shapely.intersects_xy(fence.geometry, lons, lats)
+    assert [bool(g) for g in got] == expected.tolist()
+    assert 0.3 < expected.mean() < 0.45  # about 37% of the sample's fixes are on campus (shared/data README)
+
+
+@pytest.mark.parametrize(
+    ("feature", "message"),
+    [
+        (polygon_feature("x", [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]), "Self-intersection"),
+        (polygon_feature("x", [[[0, 0], [1, 0], [1, 1], [0, 1]]]), "not closed"),
+        (polygon_feature("x", [[[0, 0], [1, 0], [0, 0]]]), "at least 4"),
+        (polygon_feature("x", [[[0, 0], [200, 0], [1, 1], [0, 0]]]), "out of range"),
+        ({"type": "Feature", "id": "x", "geometry": {"type": "Point", "coordinates": [0, 0]}, "properties": {}}, "radius_m"),
+        ({"type": "Feature", "id": "x", "geometry": {"type": "Point", "coordinates": [0, 0]},
+          "properties": {"radius_m": -5}}, "positive"),
+        ({"type": "Feature", "id": "x", "geometry": {"type": "LineString", "coordinates": [[0, 0], [1, 1]]},
+          "properties": {"buffer_m": 0}}, "positive"),
+        ({"type": "Feature", "id": "x", "geometry": {"type": "GeometryCollection", "geometries": []}}, "unsupported"),
+        ({"type": "Feature", "geometry": {"type": "Point", "coordinates": [0, 0]}, "properties": {"radius_m": 5}}, "id"),
+        (polygon_feature("x", [[[0, 0], [1, 0], [1, 1], [0, 0]]], exit_buffer_m=-1), "exit_buffer_m"),
+        (polygon_feature("x", [[[0, 0], [1, 0], [1, 1], [0, 0]]], cross="yes"), "cross"),
+    ],
+)
+def test_bad_geofences_are_refused_with_the_problem_named(feature, message):
+    with pytest.raises(GeofenceError, match=message):
+        parse_geofence(feature)
+
+
+def test_too_many_vertices_is_refused():
+    with pytest.raises(GeofenceError, match="limit"):
+        parse_geofence(polygon_feature("x", [star(10, 10, 1000, [1.0] * 50)]), max_vertices=20)
+
+
+def test_round_trip_and_file_loading(tmp_path):
+    fences = [
+        parse_geofence(polygon_feature("a", [star(53.4, -2.98, 800, [1.0, 0.5] * 6)], name="A", tags=["depot"],
+                                       dwell_s=60)),
+        parse_geofence({"type": "Feature", "id": 7, "geometry": {"type": "Point", "coordinates": [1, 2]},
+                        "properties": {"radius_m": 50, "name": "seven"}}),
+    ]
+    collection = {"type": "FeatureCollection", "features": [geofence_to_feature(f) for f in fences]}
+    path = tmp_path / "fences.geojson"
+    path.write_bytes(orjson.dumps(collection))
+    loaded = load_geofences(path)
+    assert [f.id for f in loaded] == ["a", "7"]
+    assert all(x.same_shape(y) for x, y in zip(loaded, fences, strict=True))
+    assert loaded[0].settings.dwell_s == 60 and loaded[0].tags == ("depot",)
+    path.write_bytes(orjson.dumps({"type": "FeatureCollection", "features": collection["features"] * 2}))
+    with pytest.raises(GeofenceError, match="twice"):
+        load_geofences(path)
