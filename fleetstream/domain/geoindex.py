@@ -7,8 +7,8 @@ broad phase cannot decide.
   wholly inside the geofence are *interior*: a point in one is inside, no geometry needed. The rest are
   *boundary* cells: a point in one gets the exact test. H3 edges are great-circle arcs while polygon edges are
   straight in lon/lat (RFC 7946), so a cell counts as interior only if its hexagon, grown by a margin larger
-  than the arc-versus-chord gap, is inside the polygon; circles (spherical caps, which contain the arcs
-  between points they contain) need all six vertices inside by a 1 m margin; corridors have no interior cells.
+  than the arc-versus-chord gap, is inside the polygon; for circles and corridors every vertex must be inside
+  by the cell's circumradius plus 1 m (every point of a cell is that close to a vertex).
 - Points arrive as H3 cells at the finest resolution the index uses; the cell of every coarser resolution is
   derived with bit operations on the 64-bit index (the parent keeps the leading digits), vectorized with numpy,
   and looked up with ``searchsorted`` in per-resolution sorted arrays.
@@ -36,7 +36,7 @@ from fleetstream.domain.geofences import Geofence, GeofenceKind
 
 MIN_RESOLUTION = 2
 MAX_RESOLUTION = 11
-CELLS_ACROSS = 6  # aim for cells about 1/6 of the geofence's extent
+CELLS_ACROSS = 6  # aim for cells about 1/6 of the geofence's extent (finer: more interior hits, slower builds)
 M_PER_DEG = 111_320.0
 _RES_SHIFT = np.uint64(52)
 _RES_MASK = np.uint64(0xF) << _RES_SHIFT
@@ -107,24 +107,34 @@ def cover_fence(fence: Geofence) -> FenceCover:
 
 
 def _interior_cells(fence: Geofence, cells: list[str], res: int) -> set[str]:
-    if fence.kind is GeofenceKind.CORRIDOR or not cells:
+    if not cells:
         return set()
     boundaries = [h3.cell_to_boundary(c) for c in cells]  # (lat, lon) vertices
-    if fence.kind is GeofenceKind.CIRCLE:
-        lat0, lon0 = fence.geometry.y, fence.geometry.x  # type: ignore[union-attr]
-        verts = np.array(boundaries, dtype=np.float64)  # (n, 6, 2); pentagons are skipped below
-        inside = _haversine_np(lat0, lon0, verts[..., 0], verts[..., 1]) <= fence.radius_m - 1.0
-        return {c for c, ok in zip(cells, inside.all(axis=1), strict=True) if ok}
+    hexes = [i for i, b in enumerate(boundaries) if len(b) == 6]  # the rare pentagons stay boundary cells
+    if not hexes:
+        return set()
+    verts = np.array([boundaries[i] for i in hexes], dtype=np.float64)  # (n, 6, 2) lat, lon
+    cells = [cells[i] for i in hexes]
+    if fence.kind is not GeofenceKind.POLYGON:
+        # Every point of a cell is within its circumradius of a vertex: inside if each vertex is that much
+        # (plus 1 m) inside the circle or corridor.
+        reach = h3.average_hexagon_edge_length(res, "m") * 1.5 + 1.0
+        if fence.kind is GeofenceKind.CIRCLE:
+            lat0, lon0 = fence.geometry.y, fence.geometry.x  # type: ignore[union-attr]
+            distance = _haversine_np(lat0, lon0, verts[..., 0], verts[..., 1])
+        else:
+            flat = corridor_distance_m(list(fence.geometry.coords), verts[..., 0].ravel(), verts[..., 1].ravel())
+            distance = flat.reshape(verts.shape[:2])
+        inside = (distance <= fence.radius_m - reach).all(axis=1)
+        return {c for c, ok in zip(cells, inside, strict=True) if ok}
     edge_m = h3.average_hexagon_edge_length(res, "m")
-    hexagons = []
-    margins = []
-    for boundary in boundaries:
-        hexagons.append(Polygon([(lon, lat) for lat, lon in boundary]))
-        lat = abs(boundary[0][0])
-        # arc-vs-chord gap of an edge, grown for lon/lat distortion; at least 0.5 m
-        gap_m = max(0.5, 2.0 * edge_m * edge_m / EARTH_RADIUS_M * (1.0 + math.tan(math.radians(min(lat, 85.0)))))
-        margins.append(gap_m / (M_PER_DEG * math.cos(math.radians(min(lat + 1.0, 89.0)))))
-    grown = shapely.buffer(np.array(hexagons, dtype=object), np.array(margins), quad_segs=1)
+    lat = np.abs(verts[:, 0, 0])
+    # arc-vs-chord gap of an edge, grown for lon/lat distortion; at least 0.5 m; in degrees of longitude
+    gap_m = np.maximum(0.5, 2.0 * edge_m * edge_m / EARTH_RADIUS_M * (1.0 + np.tan(np.radians(np.minimum(lat, 85.0)))))
+    margins = gap_m / (M_PER_DEG * np.cos(np.radians(np.minimum(lat + 1.0, 89.0))))
+    rings = np.concatenate([verts[:, :, ::-1], verts[:, :1, ::-1]], axis=1)  # (n, 7, 2) lon, lat, closed
+    hexagons = shapely.polygons(rings)
+    grown = shapely.buffer(hexagons, margins, quad_segs=1)
     shapely.prepare(fence.geometry)
     inside = shapely.contains(fence.geometry, grown)
     return {c for c, ok in zip(cells, inside, strict=True) if ok}
