@@ -16,8 +16,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.throughput import make_messages  # noqa: E402
-from fleetstream.codecs import decode_positions, load_schema  # noqa: E402
+from benchmarks.throughput import make_messages
+from fleetstream.codecs import decode_positions, load_schema
 
 
 def main() -> None:

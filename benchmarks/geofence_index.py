@@ -26,9 +26,9 @@ import shapely
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fleetstream.domain.geo import destination  # noqa: E402
-from fleetstream.domain.geofences import GeofenceError, parse_geofence  # noqa: E402
-from fleetstream.domain.geoindex import GeofenceIndex  # noqa: E402
+from fleetstream.domain.geo import destination
+from fleetstream.domain.geofences import GeofenceError, parse_geofence
+from fleetstream.domain.geoindex import GeofenceIndex
 
 CENTER = (52.0, 5.0)
 

@@ -165,10 +165,7 @@ def run_worker(broker_url: str, topic: str, n_fixes: int, partitions: int, workd
         geofence_events_topic=f"{topic}.{tag}.events", geofences_topic=f"bench.{tag}.geofences",
         partitions=partitions, web_port=free_port(), web_host="127.0.0.1", data_dir=str(workdir / tag),
     )
-    env = dict(os.environ)
-    for name in Settings.__dataclass_fields__:
-        value = getattr(settings, name)
-        env[f"FLEETSTREAM_{name.upper()}"] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    env = {**os.environ, **settings.to_env()}
     log = open(workdir / f"{tag}.log", "wb")  # noqa: SIM115
     env.update(extra_env or {})
     command = [*(wrapper or []), sys.executable, "-m", "fleetstream", "worker"]

@@ -129,6 +129,14 @@ class Settings:
     def with_overrides(self, **overrides: Any) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    def to_env(self) -> dict[str, str]:
+        """``FLEETSTREAM_*`` variables that reproduce these settings in a child process (demo, tests)."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            env[ENV_PREFIX + f.name.upper()] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        return env
+
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked, for logs and the status endpoint."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -36,14 +36,6 @@ class DemoOptions:
     status_interval_s: float = 0.25
 
 
-def _settings_env(settings: Settings) -> dict[str, str]:
-    env = {}
-    for name in Settings.__dataclass_fields__:
-        value = getattr(settings, name)
-        env[f"FLEETSTREAM_{name.upper()}"] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-    return env
-
-
 def _fetch_status(port: int) -> dict | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=1) as response:
@@ -67,7 +59,7 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
         )
         log_path = workdir / "worker.log"
         worker = subprocess.Popen(
-            [sys.executable, "-m", "fleetstream", "worker"], env={**os.environ, **_settings_env(settings)},
+            [sys.executable, "-m", "fleetstream", "worker"], env={**os.environ, **settings.to_env()},
             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,  # noqa: SIM115
             start_new_session=True,
         )

@@ -13,10 +13,11 @@ import csv
 import gzip
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
+
+from fleetstream.domain.models import Position
 
 FEET_TO_M = 0.3048
 PLT_MISSING_ALTITUDE = -777
@@ -29,22 +30,11 @@ SPEED_COLUMNS = ("speed_kmh", "speed")
 HEADING_COLUMNS = ("heading_deg", "heading", "bearing", "course")
 
 
-@dataclass(frozen=True, slots=True)
-class TraceFix:
-    device_id: str
-    ts_ms: int
-    lat: float
-    lon: float
-    speed_kmh: float | None = None
-    heading_deg: float | None = None
-    altitude_m: float | None = None
-
-
 class TraceFormatError(ValueError):
     """The trace file is not in a format we read; the message names the file and line."""
 
 
-def read_trace(path: str | Path) -> Iterator[TraceFix]:
+def read_trace(path: str | Path) -> Iterator[Position]:
     """Every fix of a trace file, or of every ``.plt``/``.csv`` file under a directory (sorted by name)."""
     path = Path(path)
     if path.is_dir():
@@ -100,7 +90,7 @@ def _float_or_none(row: list[str], index: int | None) -> float | None:
     return float(row[index])
 
 
-def _read_csv(path: Path) -> Iterator[TraceFix]:
+def _read_csv(path: Path) -> Iterator[Position]:
     with _open_text(path) as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
@@ -118,15 +108,15 @@ def _read_csv(path: Path) -> Iterator[TraceFix]:
             if not row:
                 continue
             try:
-                yield TraceFix(
+                yield Position(
                     row[device].strip(), parse_time_ms(row[time_col]), float(row[lat]), float(row[lon]),  # type: ignore[index]
-                    _float_or_none(row, speed), _float_or_none(row, heading),
+                    speed_kmh=_float_or_none(row, speed), heading_deg=_float_or_none(row, heading),
                 )
             except (ValueError, IndexError) as exc:
                 raise TraceFormatError(f"{path}:{line}: {exc}") from None
 
 
-def _read_plt(path: Path) -> Iterator[TraceFix]:
+def _read_plt(path: Path) -> Iterator[Position]:
     device_id = path.parent.name if path.parent.name != "Trajectory" else path.parent.parent.name
     with open(path, encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
@@ -140,7 +130,7 @@ def _read_plt(path: Path) -> Iterator[TraceFix]:
             try:
                 altitude_ft = float(parts[3])
                 ts = datetime.fromisoformat(f"{parts[5]}T{parts[6]}").replace(tzinfo=UTC)
-                yield TraceFix(
+                yield Position(
                     device_id, round(ts.timestamp() * 1000), float(parts[0]), float(parts[1]),
                     altitude_m=None if altitude_ft == PLT_MISSING_ALTITUDE else altitude_ft * FEET_TO_M,
                 )

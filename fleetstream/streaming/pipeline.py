@@ -21,6 +21,7 @@ from fleetstream.codecs import CodecLimits, DecodeError, deadletter_record, deco
 from fleetstream.config import Settings
 from fleetstream.domain.geoindex import GeofenceIndex
 from fleetstream.domain.models import DeviceState, Position
+from fleetstream.domain.tracking import Enrichment, TrackingConfig, step_position
 from fleetstream.domain.transitions import (
     GeofenceEvent,
     TransitionDefaults,
@@ -28,7 +29,6 @@ from fleetstream.domain.transitions import (
     memberships_to_json,
 )
 from fleetstream.domain.transitions import step as transition_step
-from fleetstream.domain.tracking import Enrichment, TrackingConfig, step_position
 from fleetstream.streaming.output import OutRecord
 
 

@@ -14,6 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from fleetstream.config import Settings
+from fleetstream.streaming.kafka import client_security
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +38,6 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
 
 
 def admin_client(settings: Settings) -> AIOKafkaAdminClient:
-    from fleetstream.streaming.kafka import client_security
-
     return AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **client_security(settings))
 
 

@@ -34,14 +34,7 @@ class Consumed:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """FLEETSTREAM_* variables that reproduce ``settings`` in a child process."""
-    env = {}
-    for name in Settings.__dataclass_fields__:
-        value = getattr(settings, name)
-        if isinstance(value, tuple):
-            value = ",".join(map(str, value))
-        env[f"FLEETSTREAM_{name.upper()}"] = str(value)
-    return env
+    return settings.to_env()
 
 
 @dataclass
@@ -161,7 +154,7 @@ async def read_topic(
             now = time.monotonic()
             if got:
                 last_new = now
-            elif expect is not None and len(out) >= expect and now - last_new > min(idle_s, 1.0) or now - last_new > idle_s and (expect is None or len(out) >= expect):
+            elif (expect is not None and len(out) >= expect and now - last_new > min(idle_s, 1.0)) or (now - last_new > idle_s and (expect is None or len(out) >= expect)):
                 break
         return out
     finally:

@@ -57,7 +57,7 @@ def reference_memberships(features: list[dict], lat: float, lon: float) -> list[
 
 def test_geofences_on_a_real_trace(broker, prefix, tmp_path: Path, shared_data: Path):
     settings = worker_settings(broker.url, prefix, tmp_path, partitions=2)
-    features, _ = campus_features(shared_data)  # noqa: F841
+    features, _ = campus_features(shared_data)
     path = tmp_path / "fences.geojson"
     path.write_bytes(orjson.dumps({"type": "FeatureCollection", "features": features}))
     loaded = cli(settings, "geofences", "load", str(path))

@@ -16,7 +16,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from fleetstream.domain.geo import destination, haversine_m
-from fleetstream.domain.geofences import GeofenceError, GeofenceKind, geofence_to_feature, load_geofences, parse_geofence
+from fleetstream.domain.geofences import (
+    GeofenceError,
+    GeofenceKind,
+    geofence_to_feature,
+    load_geofences,
+    parse_geofence,
+)
 from fleetstream.domain.geoindex import GeofenceIndex, parent_cells
 
 TOLERANCE_M = 0.01
