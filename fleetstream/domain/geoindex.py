@@ -146,15 +146,11 @@ def _haversine_np(lat1: float | np.ndarray, lon1: float | np.ndarray, lat2: np.n
     return 2 * EARTH_RADIUS_M * np.arcsin(np.minimum(1.0, np.sqrt(a)))
 
 
-def corridor_distance_m(line_coords: Sequence[tuple[float, float]], lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
-    """Great-circle distance (m) from each point to a polyline of (lon, lat) vertices: per segment, the
-    cross-track distance where the point projects inside the segment, else the nearer endpoint. All segments
-    at once (points x segments)."""
-    coords = np.radians(np.asarray(line_coords, dtype=np.float64)[:, :2])
-    l1, p1 = coords[:-1, 0], coords[:-1, 1]  # segment starts
-    l2, p2 = coords[1:, 0], coords[1:, 1]  # segment ends
-    phi = np.radians(np.asarray(lats, dtype=np.float64))[:, None]
-    lam = np.radians(np.asarray(lons, dtype=np.float64))[:, None]
+def segment_distance_rad(p1: np.ndarray, l1: np.ndarray, p2: np.ndarray, l2: np.ndarray,
+                         phi: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """Angular distance from points (phi, lam) to great-circle segments (p1, l1)-(p2, l2), all in radians and
+    broadcast together: the cross-track distance where the point projects inside the segment, else the nearer
+    endpoint."""
 
     def angular(pa: np.ndarray, la: np.ndarray, pb: np.ndarray, lb: np.ndarray) -> np.ndarray:
         a = np.sin((pb - pa) / 2) ** 2 + np.cos(pa) * np.cos(pb) * np.sin((lb - la) / 2) ** 2
@@ -163,14 +159,23 @@ def corridor_distance_m(line_coords: Sequence[tuple[float, float]], lats: np.nda
     def bearing(pa: np.ndarray, la: np.ndarray, pb: np.ndarray, lb: np.ndarray) -> np.ndarray:
         return np.arctan2(np.sin(lb - la) * np.cos(pb), np.cos(pa) * np.sin(pb) - np.sin(pa) * np.cos(pb) * np.cos(lb - la))
 
-    d12 = angular(p1, l1, p2, l2)[None, :]
-    d13 = angular(p1[None, :], l1[None, :], phi, lam)
-    d23 = angular(p2[None, :], l2[None, :], phi, lam)
-    delta = bearing(p1[None, :], l1[None, :], phi, lam) - bearing(p1, l1, p2, l2)[None, :]
+    d12 = angular(p1, l1, p2, l2)
+    d13 = angular(p1, l1, phi, lam)
+    d23 = angular(p2, l2, phi, lam)
+    delta = bearing(p1, l1, phi, lam) - bearing(p1, l1, p2, l2)
     cross = np.arcsin(np.clip(np.sin(d13) * np.sin(delta), -1.0, 1.0))
     along = np.arccos(np.clip(np.cos(d13) / np.maximum(np.cos(cross), 1e-15), -1.0, 1.0))
     on_segment = (np.cos(delta) > 0) & (along <= d12)
-    distance = np.where(on_segment, np.abs(cross), np.minimum(d13, d23))
+    return np.where(on_segment, np.abs(cross), np.minimum(d13, d23))
+
+
+def corridor_distance_m(line_coords: Sequence[tuple[float, float]], lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
+    """Great-circle distance (m) from each point to a polyline of (lon, lat) vertices."""
+    coords = np.radians(np.asarray(line_coords, dtype=np.float64)[:, :2])
+    phi = np.radians(np.asarray(lats, dtype=np.float64))[:, None]
+    lam = np.radians(np.asarray(lons, dtype=np.float64))[:, None]
+    distance = segment_distance_rad(coords[None, :-1, 1], coords[None, :-1, 0], coords[None, 1:, 1],
+                                    coords[None, 1:, 0], phi, lam)
     return distance.min(axis=1) * EARTH_RADIUS_M
 
 
@@ -228,6 +233,13 @@ class GeofenceIndex:
             [(f.geometry.y, f.geometry.x) if f.kind is GeofenceKind.CIRCLE else (0.0, 0.0) for f in self.fences],
             dtype=np.float64,
         ).reshape(-1, 2)
+        # every corridor's segments in one table (radians: lat1, lon1, lat2, lon2), CSR by fence number
+        segments = [np.radians(np.asarray(f.geometry.coords, dtype=np.float64)[:, :2])
+                    if f.kind is GeofenceKind.CORRIDOR else np.empty((1, 2)) for f in self.fences]
+        counts = np.array([len(c) - 1 if len(c) > 1 else 0 for c in segments], dtype=np.int64)
+        self._seg_ptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        self._segs = (np.concatenate([np.column_stack((c[:-1, 1], c[:-1, 0], c[1:, 1], c[1:, 0]))
+                                      for c in segments if len(c) > 1]) if counts.sum() else np.empty((0, 4)))
         self._cross = [(f.id, _candidate_polygon(f)) for f in self.fences if f.settings.cross]
         self.has_cross = bool(self._cross)
         self._tables = self._build_tables()
@@ -330,12 +342,14 @@ class GeofenceIndex:
             d = _haversine_np(c[:, 0], c[:, 1], lats[points[circle]], lons[points[circle]])
             ok[circle] = d <= self._radius[fences[circle]]
         corridor = np.flatnonzero(kinds == 2)
-        if len(corridor):
-            for number in np.unique(fences[corridor]):
-                sel = corridor[fences[corridor] == number]
-                fence = self.fences[number]
-                d = corridor_distance_m(list(fence.geometry.coords), lats[points[sel]], lons[points[sel]])
-                ok[sel] = d <= fence.radius_m
+        if len(corridor):  # all (pair, segment) combinations at once, then the minimum per pair
+            pair, seg = _expand(self._seg_ptr, np.arange(len(self._segs)), fences[corridor], np.arange(len(corridor)))
+            s = self._segs[seg]
+            d = segment_distance_rad(s[:, 0], s[:, 1], s[:, 2], s[:, 3], np.radians(lats[points[corridor]][pair]),
+                                     np.radians(lons[points[corridor]][pair]))
+            starts = np.flatnonzero(np.diff(pair, prepend=-1))
+            nearest = np.minimum.reduceat(d, starts) * EARTH_RADIUS_M
+            ok[corridor[pair[starts]]] = nearest <= self._radius[fences[corridor[pair[starts]]]]
         return ok
 
     def _group(self, n: int, hit_points: list[np.ndarray], hit_fences: list[np.ndarray]) -> list[tuple[str, ...]]:

@@ -15,7 +15,7 @@ import shapely.ops
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from fleetstream.domain.geo import destination, haversine_m
+from fleetstream.domain.geo import bearing_deg, destination, haversine_m
 from fleetstream.domain.geofences import (
     GeofenceError,
     GeofenceKind,
@@ -159,11 +159,19 @@ def test_index_equals_brute_force(case, data):
             fence = data.draw(st.sampled_from(fences))
             if fence.kind is GeofenceKind.CIRCLE:
                 lat, lon = destination(fence.geometry.y, fence.geometry.x, data.draw(st.floats(0, 360)), fence.radius_m)
+            elif fence.kind is GeofenceKind.CORRIDOR:  # on the corridor's edge: perpendicular to the line
+                f = data.draw(st.floats(0.01, 0.98))
+                a = shapely.line_interpolate_point(fence.geometry, f, normalized=True)
+                b = shapely.line_interpolate_point(fence.geometry, f + 0.001, normalized=True)
+                side = data.draw(st.sampled_from([90.0, -90.0]))
+                lat, lon = destination(a.y, a.x, bearing_deg(a.y, a.x, b.y, b.x) + side, fence.radius_m)
             else:
                 edge = fence.geometry.boundary if fence.kind is GeofenceKind.POLYGON else fence.geometry
                 p = shapely.line_interpolate_point(edge, data.draw(st.floats(0, 1)), normalized=True)
                 lat, lon = p.y, p.x
-            lat, lon = destination(lat, lon, data.draw(st.floats(0, 360)), data.draw(st.floats(0, 2_000)))
+            # often very close to the boundary (centimetres to metres), sometimes well away from it
+            offset_m = data.draw(st.one_of(st.floats(0, 2.0), st.floats(0, 2_000)))
+            lat, lon = destination(lat, lon, data.draw(st.floats(0, 360)), offset_m)
         else:
             lat, lon = destination(lat0, lon0, data.draw(st.floats(0, 360)), data.draw(st.floats(0, 300_000)))
         lats.append(lat)
