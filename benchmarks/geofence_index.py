@@ -37,13 +37,13 @@ def region_km(n: int) -> float:
     return 30.0 * math.sqrt(n / 1000)  # 30 km square at 1,000 geofences
 
 
-def make_fences(n: int, seed: int = 1) -> list:
+def make_fences(n: int, seed: int = 1, center: tuple[float, float] = CENTER) -> list:
     rng = random.Random(seed)
     half_m = region_km(n) * 500
     fences = []
     while len(fences) < n:
         i = len(fences)
-        lat, lon = destination(*CENTER, rng.uniform(0, 360), math.sqrt(rng.random()) * half_m)
+        lat, lon = destination(*center, rng.uniform(0, 360), math.sqrt(rng.random()) * half_m)
         roll = rng.random()
         if roll < 0.8:
             vertices = rng.randint(20, 200)

@@ -158,16 +158,15 @@ def run_quix(bootstrap: str, topic: str, out_topic: str, n_fixes: int) -> tuple[
 
 
 def run_worker(broker_url: str, topic: str, n_fixes: int, partitions: int, workdir: Path, tag: str,
-               wrapper: list[str] | None = None, extra_env: dict[str, str] | None = None) -> tuple[float, float]:
+               wrapper: list[str] | None = None, geofences_topic: str | None = None) -> tuple[float, float]:
     settings = Settings.load(
         env={}, broker=broker_url, app_id=f"bench-{tag}", positions_topic=topic,
         enriched_topic=f"{topic}.{tag}.enriched", deadletter_topic=f"{topic}.{tag}.dead",
-        geofence_events_topic=f"{topic}.{tag}.events", geofences_topic=f"bench.{tag}.geofences",
+        geofence_events_topic=f"{topic}.{tag}.events", geofences_topic=geofences_topic or f"bench.{tag}.geofences",
         partitions=partitions, web_port=free_port(), web_host="127.0.0.1", data_dir=str(workdir / tag),
     )
     env = {**os.environ, **settings.to_env()}
     log = open(workdir / f"{tag}.log", "wb")  # noqa: SIM115
-    env.update(extra_env or {})
     command = [*(wrapper or []), sys.executable, "-m", "fleetstream", "worker"]
     proc = subprocess.Popen(command, env=env, stdout=log,
                             stderr=subprocess.STDOUT, cwd=ROOT)
@@ -206,6 +205,8 @@ def main() -> None:
     parser.add_argument("--single-fix-limit", type=int, default=50_000,
                         help="cap on fixes for the 1-fix-per-message mode (Faust pays ~200 us per message)")
     parser.add_argument("--pipelines", default="worker,aiokafka,quix")
+    parser.add_argument("--geofences", default="0",
+                        help="geofence counts to run the worker with, comma separated (e.g. 0,10000)")
     parser.add_argument("--worker-wrapper", default="", help="command prefix for the worker, e.g. a profiler")
     args = parser.parse_args()
     pipelines = args.pipelines.split(",")
@@ -216,11 +217,13 @@ def main() -> None:
             print("quixstreams not installed (pip install -e '.[bench]'): skipping that baseline")
             pipelines.remove("quix")
 
+    fence_counts = [int(g) for g in args.geofences.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="fleetstream-bench-"))
     broker = EmbeddedBroker(log_path=workdir / "tansu.log").start()
     print(f"broker {broker.url}; {args.partitions} partitions; {args.runs} runs; work dir {workdir}")
     results: dict[tuple[int, str], list[tuple[float, float]]] = {}
     try:
+        fence_topics = {g: publish_fences(broker.url, g) for g in fence_counts if g}
         for mode in (int(m) for m in args.modes.split(",")):
             n = min(args.fixes, args.single_fix_limit) if mode == 1 else args.fixes
             topic = f"bench.positions.x{mode}"
@@ -231,13 +234,17 @@ def main() -> None:
             asyncio.run(load(broker.bootstrap, topic, messages))
             print(f"\nmode {mode} fix(es)/message: {n:,} fixes in {len(messages):,} messages, {size:.0f} B/fix")
             for run in range(args.runs):
-                for name in pipelines:
-                    tag = f"{name}{mode}r{run}"
+                runs = [(name, 0) for name in pipelines if name != "worker"]
+                if "worker" in pipelines:
+                    runs = [("worker" if g == 0 else f"worker+{g}gf", g) for g in fence_counts] + runs
+                for name, fences in runs:
+                    tag = f"{name.replace('+', '')}{mode}r{run}"
                     out_topic = f"{topic}.{tag}.out"
                     asyncio.run(ensure_topics(base, [TopicSpec(out_topic, args.partitions)]))
-                    if name == "worker":
+                    if name.startswith("worker"):
                         wall, cpu = run_worker(broker.url, topic, n, args.partitions, workdir, tag,
-                                               wrapper=args.worker_wrapper.split() or None)
+                                               wrapper=args.worker_wrapper.split() or None,
+                                               geofences_topic=fence_topics.get(fences))
                     elif name == "aiokafka":
                         wall, cpu = asyncio.run(run_aiokafka(broker.bootstrap, topic, out_topic, n))
                     else:
@@ -254,9 +261,21 @@ def main() -> None:
         line = [f"{name} {rates[name]:,.0f}/s ({cpus[name]:.1f} us/fix)" for name in rates]
         print(f"  {mode:>3} fix/msg: " + "; ".join(line))
         if "worker" in rates:
-            for other in ("aiokafka", "quix"):
-                if other in rates:
-                    print(f"           worker / {other} = {rates['worker'] / rates[other]:.2f}x")
+            for other in rates:
+                if other != "worker":
+                    print(f"           {other} / worker = {rates[other] / rates['worker']:.2f}x")
+
+
+def publish_fences(broker_url: str, count: int) -> str:
+    """``count`` geofences around the benchmark's area on their own compacted topic; returns the topic."""
+    from benchmarks.geofence_index import make_fences
+    from fleetstream.streaming.geofence_feed import publish_geofences
+
+    settings = Settings.load(env={}, broker=broker_url, geofences_topic=f"bench.geofences.{count}")
+    fences = make_fences(count, center=(53.40, -2.98))
+    asyncio.run(ensure_topics(settings, [TopicSpec(settings.geofences_topic, 1, compacted=True)]))
+    asyncio.run(publish_geofences(settings, fences))
+    return settings.geofences_topic
 
 
 def _in_subprocess_quix(bootstrap: str, topic: str, out_topic: str, n: int) -> tuple[float, float]:

@@ -147,10 +147,13 @@ class PositionWorker:
             )
         self.geofences = GeofenceFeed(self.settings)
         await self.geofences.start()
-        try:  # a fix matched against a half-loaded geofence set would give false transitions
-            await asyncio.wait_for(self.geofences.ready.wait(), timeout=60)
-        except TimeoutError:
-            log.warning("geofences not fully loaded after 60 s; processing with what has arrived")
+        waited_s = 0  # a fix matched against a half-loaded geofence set would give false transitions: wait
+        while not self.geofences.ready.is_set():
+            try:
+                await asyncio.wait_for(self.geofences.ready.wait(), timeout=30)
+            except TimeoutError:
+                waited_s += 30
+                log.warning("still loading geofences after %d s before the first batch", waited_s)
         self.pipeline = PositionPipeline(
             self.settings, self.state, changelog_topic=self.state.table.changelog_topic_name,
             copartitioned=n_in == n_out, stats=self.stats, geofences=self.geofences.current,
