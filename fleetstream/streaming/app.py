@@ -133,6 +133,13 @@ class PositionWorker:
         self._pending_states: dict[str, tuple[int, DeviceState]] = {}
         self._pending_seq: dict[str, int] = {}
         self._seq = 0
+        self._start_lock = asyncio.Lock()
+
+    async def ensure_started(self) -> None:
+        """Start once, from the app's startup task or the first batch, whichever comes first."""
+        async with self._start_lock:
+            if self.pipeline is None:
+                await self.start()
 
     async def start(self) -> None:
         producer = self.app.producer._ensure_producer()  # the aiokafka producer Faust started for us
@@ -167,8 +174,7 @@ class PositionWorker:
         released, so offsets never run ahead of outputs (at-least-once) while the next batch is processed
         during this one's round trip. States of batches in flight stay readable in ``self._pending_states``.
         """
-        if self.pipeline is None:
-            await self.start()
+        await self.ensure_started()
         assert self.pipeline is not None and self.output is not None
         while len(self._inflight) >= self.max_inflight:
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
@@ -327,6 +333,10 @@ def create_app(
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     worker = PositionWorker(app, settings, table, metrics)
     app.fleetstream_worker = worker  # type: ignore[attr-defined]
+
+    @app.task
+    async def start_worker() -> None:  # load geofences while the group forms, not on the first batch
+        await worker.ensure_started()
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: faust.App, revoked: set[TP], **kwargs: Any) -> None:
