@@ -28,12 +28,11 @@ log = logging.getLogger("fleetstream.geofences")
 class GeofenceFeed:
     """Holds the current :class:`GeofenceIndex`; ``index`` is swapped whole when the topic changes."""
 
-    def __init__(self, settings: Settings, *, initial: list[Geofence] | None = None, debounce_s: float = 0.2) -> None:
+    def __init__(self, settings: Settings, *, debounce_s: float = 0.2) -> None:
         self.settings = settings
         self.debounce_s = debounce_s
-        self._fences: dict[str, Geofence] = {g.id: g for g in initial or []}
-        self._file_ids = set(self._fences)
-        self.index: GeofenceIndex | None = GeofenceIndex.build(list(self._fences.values())) if self._fences else None
+        self._fences: dict[str, Geofence] = {}
+        self.index: GeofenceIndex | None = None
         self.rejected = 0
         self.rebuilds = 0
         self.last_rebuild_s = 0.0
