@@ -75,7 +75,7 @@ class DeviceState(NamedTuple):
     fixes: int = 0  # accepted fixes so far
     h3: str | None = None
     geofences: tuple[str, ...] = ()  # what the index said for the last accepted fix
-    fences: dict[str, list[Any]] | None = None  # geofence memberships (transitions.memberships_to_json)
+    fences: dict[str, Any] | None = None  # geofence memberships (see transitions.Membership)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,7 +90,7 @@ class DeviceState(NamedTuple):
             "fixes": self.fixes,
             "h3": self.h3,
             "geofences": list(self.geofences),
-            "fences": self.fences,
+            "fences": self.fences,  # NamedTuples inside are written as arrays by codecs.dumps
         }
 
     @classmethod

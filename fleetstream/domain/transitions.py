@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
 
@@ -31,7 +32,7 @@ class GeofenceEventType(StrEnum):
     CROSS = "cross"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # identity hash: cheap as a cache key, built once per worker
 class TransitionDefaults:
     """Worker-wide defaults, overridden per geofence by its properties."""
 
@@ -119,7 +120,7 @@ def step(
                 events.append(GeofenceEvent(_EXIT, fix.device_id, fence_id, now, fix.lat, fix.lon,
                                             (now - member.since_ms) / 1000.0, "geofence_deleted"))
             continue
-        rules = defaults.resolve(fence.settings)
+        rules = _rules(defaults, fence)
         if member is None:
             member = Membership(False, 0, False)
         if rules.min_accuracy_m and fix.accuracy_m is not None and fix.accuracy_m > rules.min_accuracy_m:
@@ -130,7 +131,8 @@ def step(
         if member.inside and not observed and rules.exit_buffer_m > 0:
             observed = index.distance_outside_m(fence_id, fix.lat, fix.lon) < rules.exit_buffer_m
         if observed == member.inside:
-            member = member._replace(pending_ms=None)
+            if member.pending_ms is not None:
+                member = member._replace(pending_ms=None)
         else:
             if member.pending_ms is None:
                 member = member._replace(pending_ms=now, pending_lat=fix.lat, pending_lon=fix.lon)
@@ -157,13 +159,20 @@ def step(
     return result, events
 
 
+@lru_cache(maxsize=262_144)
+def _rules(defaults: TransitionDefaults, fence: Geofence) -> TransitionDefaults:
+    """Per-geofence settings over the defaults; cached (geofences hash by identity, defaults are frozen)."""
+    return defaults.resolve(fence.settings)
+
+
 def _any_cross(index: FenceIndex) -> bool:
     return bool(getattr(index, "has_cross", True))
 
 
-def memberships_to_json(memberships: Memberships) -> dict[str, list[Any]]:
-    return {fence_id: m.to_list() for fence_id, m in memberships.items()}
+def memberships_to_json(memberships: Mapping[str, Membership | list[Any]]) -> dict[str, list[Any]]:
+    return {fence_id: m.to_list() if isinstance(m, Membership) else m for fence_id, m in memberships.items()}
 
 
-def memberships_from_json(raw: Mapping[str, list[Any]] | None) -> dict[str, Membership]:
-    return {fence_id: Membership.from_list(v) for fence_id, v in (raw or {}).items()}
+def memberships_from_json(raw: Mapping[str, Membership | list[Any]] | None) -> dict[str, Membership]:
+    """Memberships from a stored state (lists) or from a state still in memory (already Memberships)."""
+    return {fence_id: v if type(v) is Membership else Membership.from_list(v) for fence_id, v in (raw or {}).items()}

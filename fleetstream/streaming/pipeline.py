@@ -26,7 +26,6 @@ from fleetstream.domain.transitions import (
     GeofenceEvent,
     TransitionDefaults,
     memberships_from_json,
-    memberships_to_json,
 )
 from fleetstream.domain.transitions import step as transition_step
 from fleetstream.streaming.output import OutRecord
@@ -238,7 +237,8 @@ class PositionPipeline:
         for event in events:
             out.transitions[event.type.value] += 1
             out.records.append(OutRecord(events_topic, record.key, dumps(geofence_event_dict(event)), partition))
-        return state._replace(fences=memberships_to_json(new_memberships) or None)
+        # kept as Membership objects while in memory; DeviceState.to_dict writes them as lists
+        return state._replace(fences=new_memberships or None)
 
     def internal_error(self, record: InRecord, exc: Exception) -> BatchOutput:
         """The output for a record the pipeline failed on: one dead letter naming the error."""
