@@ -9,9 +9,12 @@ broad phase cannot decide.
   straight in lon/lat (RFC 7946), so a cell counts as interior only if its hexagon, grown by a margin larger
   than the arc-versus-chord gap, is inside the polygon; for circles and corridors every vertex must be inside
   by the cell's circumradius plus 1 m (every point of a cell is that close to a vertex).
-- Points arrive as H3 cells at the finest resolution the index uses; the cell of every coarser resolution is
-  derived with bit operations on the 64-bit index (the parent keeps the leading digits), vectorized with numpy,
-  and looked up with ``searchsorted`` in per-resolution sorted arrays.
+- Points arrive as H3 cells at LOOKUP_RESOLUTION (11); the cell of every coarser resolution is derived with
+  bit operations on the 64-bit index (the parent keeps the leading digits), vectorized with numpy, and looked
+  up with ``searchsorted`` in per-resolution sorted arrays. H3's hierarchy is not exact: the descendants of a
+  cell stick out of its hexagon by up to about the size of its children (a point's derived coarse cell can be
+  a neighbour of the cell containing it). So interior cells get that much more margin, and the ring of
+  neighbours around the boundary cells catches derived cells just outside the overlap cover.
 - Exact tests: ``shapely.intersects_xy`` over prepared polygons (covers semantics: the boundary is inside),
   haversine for circles, spherical cross-track distance for corridors.
 
@@ -36,6 +39,7 @@ from fleetstream.domain.geofences import Geofence, GeofenceKind
 
 MIN_RESOLUTION = 2
 MAX_RESOLUTION = 11
+LOOKUP_RESOLUTION = MAX_RESOLUTION  # points are looked up by their cell at this resolution, and its parents
 CELLS_ACROSS = 6  # aim for cells about 1/6 of the geofence's extent (finer: more interior hits, slower builds)
 M_PER_DEG = 111_320.0
 _RES_SHIFT = np.uint64(52)
@@ -106,9 +110,15 @@ def cover_fence(fence: Geofence) -> FenceCover:
     )
 
 
+def _hierarchy_slack_m(res: int) -> float:
+    """How far the LOOKUP_RESOLUTION descendants of a res ``res`` cell may reach beyond its hexagon."""
+    return 0.0 if res >= LOOKUP_RESOLUTION else 2.0 * h3.average_hexagon_edge_length(res + 1, "m")
+
+
 def _interior_cells(fence: Geofence, cells: list[str], res: int) -> set[str]:
     if not cells:
         return set()
+    slack_m = _hierarchy_slack_m(res)
     boundaries = [h3.cell_to_boundary(c) for c in cells]  # (lat, lon) vertices
     hexes = [i for i, b in enumerate(boundaries) if len(b) == 6]  # the rare pentagons stay boundary cells
     if not hexes:
@@ -118,7 +128,7 @@ def _interior_cells(fence: Geofence, cells: list[str], res: int) -> set[str]:
     if fence.kind is not GeofenceKind.POLYGON:
         # Every point of a cell is within its circumradius of a vertex: inside if each vertex is that much
         # (plus 1 m) inside the circle or corridor.
-        reach = h3.average_hexagon_edge_length(res, "m") * 1.5 + 1.0
+        reach = h3.average_hexagon_edge_length(res, "m") * 1.5 + 1.0 + slack_m
         if fence.kind is GeofenceKind.CIRCLE:
             lat0, lon0 = fence.geometry.y, fence.geometry.x  # type: ignore[union-attr]
             distance = _haversine_np(lat0, lon0, verts[..., 0], verts[..., 1])
@@ -131,6 +141,7 @@ def _interior_cells(fence: Geofence, cells: list[str], res: int) -> set[str]:
     lat = np.abs(verts[:, 0, 0])
     # arc-vs-chord gap of an edge, grown for lon/lat distortion; at least 0.5 m; in degrees of longitude
     gap_m = np.maximum(0.5, 2.0 * edge_m * edge_m / EARTH_RADIUS_M * (1.0 + np.tan(np.radians(np.minimum(lat, 85.0)))))
+    gap_m = gap_m + slack_m
     margins = gap_m / (M_PER_DEG * np.cos(np.radians(np.minimum(lat + 1.0, 89.0))))
     rings = np.concatenate([verts[:, :, ::-1], verts[:, :1, ::-1]], axis=1)  # (n, 7, 2) lon, lat, closed
     hexagons = shapely.polygons(rings)
@@ -243,7 +254,7 @@ class GeofenceIndex:
         self._cross = [(f.id, _candidate_polygon(f)) for f in self.fences if f.settings.cross]
         self.has_cross = bool(self._cross)
         self._tables = self._build_tables()
-        self.finest_resolution = max((t.resolution for t in self._tables), default=MIN_RESOLUTION)
+        self.finest_resolution = LOOKUP_RESOLUTION
 
     @classmethod
     def build(cls, fences: Iterable[Geofence]) -> GeofenceIndex:
@@ -293,14 +304,14 @@ class GeofenceIndex:
         return tuple(t.resolution for t in self._tables)
 
     def cells_for(self, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
-        """The points' H3 cells (as uint64) at the index's finest resolution: what ``lookup`` takes."""
+        """The points' H3 cells (as uint64) at LOOKUP_RESOLUTION: what ``lookup`` takes."""
         res = self.finest_resolution
         return np.fromiter((_latlng_to_cell_int(a, o, res) for a, o in zip(lats, lons, strict=True)),
                            dtype=np.uint64, count=len(lats))
 
     def lookup(self, lats: np.ndarray, lons: np.ndarray, cells: np.ndarray | None = None) -> list[tuple[str, ...]]:
-        """Sorted ids of the geofences covering each point. ``cells``: the points' cells at
-        ``finest_resolution`` or finer (uint64), when the caller has them already."""
+        """Sorted ids of the geofences covering each point. ``cells``: the points' cells at LOOKUP_RESOLUTION
+        (uint64), when the caller has them already."""
         n = len(lats)
         if n == 0 or not self.fences:
             return [()] * n

@@ -29,7 +29,12 @@ TOLERANCE_M = 0.01
 
 
 def polygon_feature(fence_id, rings, **props):
-    return {"type": "Feature", "id": fence_id, "geometry": {"type": "Polygon", "coordinates": rings}, "properties": props}
+    return {
+        "type": "Feature",
+        "id": fence_id,
+        "geometry": {"type": "Polygon", "coordinates": rings},
+        "properties": props,
+    }
 
 
 def star(lat, lon, radius_m, radii, rotation=0.0):
@@ -65,7 +70,9 @@ def sampled_corridor_distance(coords, lat, lon, step_m=0.05):
 def _interp(lat1, lon1, lat2, lon2, f):
     """Point at fraction f along the great circle."""
     p1, l1, p2, l2 = map(math.radians, (lat1, lon1, lat2, lon2))
-    d = 2 * math.asin(math.sqrt(math.sin((p2 - p1) / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin((l2 - l1) / 2) ** 2))
+    d = 2 * math.asin(
+        math.sqrt(math.sin((p2 - p1) / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin((l2 - l1) / 2) ** 2)
+    )
     if d == 0:
         return lat1, lon1
     a = math.sin((1 - f) * d) / math.sin(d)
@@ -127,16 +134,23 @@ def fence_sets(draw):
             b = star(blat, blon, size_m / 3, [0.6, 1.0] * 5)
             feature = {"type": "Feature", "id": fid, "geometry": {"type": "MultiPolygon", "coordinates": [[a], [b]]}}
         elif kind == "circle":
-            feature = {"type": "Feature", "id": fid, "geometry": {"type": "Point", "coordinates": [lon, lat]},
-                       "properties": {"radius_m": size_m / 4}}
+            feature = {
+                "type": "Feature",
+                "id": fid,
+                "geometry": {"type": "Point", "coordinates": [lon, lat]},
+                "properties": {"radius_m": size_m / 4},
+            }
         else:
             length = min(size_m, 20_000)
             points = [(lat, lon)]
             for _ in range(draw(st.integers(1, 3))):
                 points.append(destination(*points[-1], draw(st.floats(0, 360)), length / 2))
-            feature = {"type": "Feature", "id": fid,
-                       "geometry": {"type": "LineString", "coordinates": [[p[1], p[0]] for p in points]},
-                       "properties": {"buffer_m": draw(st.floats(5, 500))}}
+            feature = {
+                "type": "Feature",
+                "id": fid,
+                "geometry": {"type": "LineString", "coordinates": [[p[1], p[0]] for p in points]},
+                "properties": {"buffer_m": draw(st.floats(5, 500))},
+            }
         try:
             fences.append(parse_geofence(feature))
         except GeofenceError:
@@ -144,8 +158,12 @@ def fence_sets(draw):
     return fences, lat0, lon0
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-          phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target])  # shrinking these is slow
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target],
+)  # shrinking these is slow
 @given(fence_sets(), st.data())
 def test_index_equals_brute_force(case, data):
     fences, lat0, lon0 = case
@@ -186,7 +204,9 @@ def test_index_equals_brute_force(case, data):
 def test_parent_cells_match_h3():
     rng = np.random.default_rng(3)
     lats, lons = rng.uniform(-80, 80, 500), rng.uniform(-180, 180, 500)
-    cells = np.array([h3.api.basic_int.latlng_to_cell(a, o, 12) for a, o in zip(lats, lons, strict=True)], dtype=np.uint64)
+    cells = np.array(
+        [h3.api.basic_int.latlng_to_cell(a, o, 12) for a, o in zip(lats, lons, strict=True)], dtype=np.uint64
+    )
     for res in range(13):
         got = parent_cells(cells, res)
         assert [int(c) for c in got] == [h3.api.basic_int.cell_to_parent(int(c), res) for c in cells]
@@ -194,8 +214,14 @@ def test_parent_cells_match_h3():
 
 def test_with_changes_equals_a_fresh_build():
     a = parse_geofence(polygon_feature("a", [star(53.4, -2.98, 800, [1.0, 0.5] * 6)]))
-    b = parse_geofence({"type": "Feature", "id": "b", "geometry": {"type": "Point", "coordinates": [-2.975, 53.402]},
-                        "properties": {"radius_m": 500}})
+    b = parse_geofence(
+        {
+            "type": "Feature",
+            "id": "b",
+            "geometry": {"type": "Point", "coordinates": [-2.975, 53.402]},
+            "properties": {"radius_m": 500},
+        }
+    )
     moved = parse_geofence(polygon_feature("a", [star(53.403, -2.97, 600, [1.0] * 9)]))
     c = parse_geofence(polygon_feature("c", [star(53.41, -2.99, 300, [1.0] * 5)]))
     rng = np.random.default_rng(1)
@@ -235,13 +261,33 @@ def test_tsinghua_campus_against_brute_force_on_geolife(shared_data):
         (polygon_feature("x", [[[0, 0], [1, 0], [1, 1], [0, 1]]]), "not closed"),
         (polygon_feature("x", [[[0, 0], [1, 0], [0, 0]]]), "at least 4"),
         (polygon_feature("x", [[[0, 0], [200, 0], [1, 1], [0, 0]]]), "out of range"),
-        ({"type": "Feature", "id": "x", "geometry": {"type": "Point", "coordinates": [0, 0]}, "properties": {}}, "radius_m"),
-        ({"type": "Feature", "id": "x", "geometry": {"type": "Point", "coordinates": [0, 0]},
-          "properties": {"radius_m": -5}}, "positive"),
-        ({"type": "Feature", "id": "x", "geometry": {"type": "LineString", "coordinates": [[0, 0], [1, 1]]},
-          "properties": {"buffer_m": 0}}, "positive"),
+        (
+            {"type": "Feature", "id": "x", "geometry": {"type": "Point", "coordinates": [0, 0]}, "properties": {}},
+            "radius_m",
+        ),
+        (
+            {
+                "type": "Feature",
+                "id": "x",
+                "geometry": {"type": "Point", "coordinates": [0, 0]},
+                "properties": {"radius_m": -5},
+            },
+            "positive",
+        ),
+        (
+            {
+                "type": "Feature",
+                "id": "x",
+                "geometry": {"type": "LineString", "coordinates": [[0, 0], [1, 1]]},
+                "properties": {"buffer_m": 0},
+            },
+            "positive",
+        ),
         ({"type": "Feature", "id": "x", "geometry": {"type": "GeometryCollection", "geometries": []}}, "unsupported"),
-        ({"type": "Feature", "geometry": {"type": "Point", "coordinates": [0, 0]}, "properties": {"radius_m": 5}}, "id"),
+        (
+            {"type": "Feature", "geometry": {"type": "Point", "coordinates": [0, 0]}, "properties": {"radius_m": 5}},
+            "id",
+        ),
         (polygon_feature("x", [[[0, 0], [1, 0], [1, 1], [0, 0]]], exit_buffer_m=-1), "exit_buffer_m"),
         (polygon_feature("x", [[[0, 0], [1, 0], [1, 1], [0, 0]]], cross="yes"), "cross"),
     ],
@@ -258,10 +304,17 @@ def test_too_many_vertices_is_refused():
 
 def test_round_trip_and_file_loading(tmp_path):
     fences = [
-        parse_geofence(polygon_feature("a", [star(53.4, -2.98, 800, [1.0, 0.5] * 6)], name="A", tags=["depot"],
-                                       dwell_s=60)),
-        parse_geofence({"type": "Feature", "id": 7, "geometry": {"type": "Point", "coordinates": [1, 2]},
-                        "properties": {"radius_m": 50, "name": "seven"}}),
+        parse_geofence(
+            polygon_feature("a", [star(53.4, -2.98, 800, [1.0, 0.5] * 6)], name="A", tags=["depot"], dwell_s=60)
+        ),
+        parse_geofence(
+            {
+                "type": "Feature",
+                "id": 7,
+                "geometry": {"type": "Point", "coordinates": [1, 2]},
+                "properties": {"radius_m": 50, "name": "seven"},
+            }
+        ),
     ]
     collection = {"type": "FeatureCollection", "features": [geofence_to_feature(f) for f in fences]}
     path = tmp_path / "fences.geojson"
@@ -273,3 +326,43 @@ def test_round_trip_and_file_loading(tmp_path):
     path.write_bytes(orjson.dumps({"type": "FeatureCollection", "features": collection["features"] * 2}))
     with pytest.raises(GeofenceError, match="twice"):
         load_geofences(path)
+
+
+def test_a_point_whose_derived_coarse_cell_is_not_its_own():
+    """Found by the property test: a point 0.75 m outside a ~200 km polygon was answered inside, because its
+    res-4 cell derived from its fine cell (an interior cell) is a neighbour of the res-4 cell that contains it
+    (H3 children stick out of their parent's hexagon)."""
+    coordinates = (
+        (
+            (-116.71791413364645, 42.78379806470035),
+            (-115.96428370313157, 42.6327879644482),
+            (-115.42103903866212, 42.22207336243185),
+            (-115.2333924488936, 41.66530239730365),
+            (-115.44318767654687, 41.113305144185155),
+            (-115.98644306749111, 40.71214263504333),
+            (-116.71791413364645, 40.56591091796062),
+            (-117.44938519980178, 40.71214263504333),
+            (-117.99264059074602, 41.113305144185155),
+            (-118.2024358183993, 41.66530239730365),
+            (-118.01478922863072, 42.22207336243185),
+            (-117.47154456416132, 42.6327879644482),
+            (-116.71791413364645, 42.78379806470035),
+        ),
+        (
+            (-116.71791413364645, 42.11843192067844),
+            (-117.18422111489554, 41.9504804600566),
+            (-117.29599744679348, 41.574699597675114),
+            (-116.97399688590826, 41.274919808665544),
+            (-116.46183138138463, 41.274919808665544),
+            (-116.13983082049936, 41.574699597675114),
+            (-116.2516071523973, 41.9504804600566),
+            (-116.71791413364645, 42.11843192067844),
+        ),
+    )
+    rings = [[list(position) for position in ring] for ring in coordinates]
+    fence = parse_geofence({"type": "Feature", "id": "f2", "geometry": {"type": "Polygon", "coordinates": rings}})
+    lat, lon = 41.528852621105955, -118.15058547366232
+    assert not fence.geometry.covers(shapely.Point(lon, lat))
+    small = parse_geofence({"type": "Feature", "id": "small", "properties": {"radius_m": 50},  # a fine cover too
+                            "geometry": {"type": "Point", "coordinates": [-116.0, 41.0]}})
+    assert GeofenceIndex.build([fence, small]).lookup_one(lat, lon) == ()
