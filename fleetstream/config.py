@@ -89,6 +89,9 @@ class Settings:
     )
     web_host: str = _opt("0.0.0.0", "HTTP API / metrics bind address")
     web_port: int = _opt(6066, "HTTP API / metrics port", min=1, max=65535)
+    metrics_enabled: bool = _opt(
+        True, "Record Prometheus metrics (off: /metrics serves an empty registry; for overhead measurements)"
+    )
     log_level: str = _opt("warning", "debug, info, warning or error", choices=("debug", "info", "warning", "error"))
 
     # -----------------------------------------------------------------------------------------------------

@@ -331,7 +331,7 @@ def create_app(
         schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
     )
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
-    worker = PositionWorker(app, settings, table, metrics)
+    worker = PositionWorker(app, settings, table, metrics if settings.metrics_enabled else None)
     app.fleetstream_worker = worker  # type: ignore[attr-defined]
 
     @app.task
@@ -364,6 +364,16 @@ def create_app(
     @app.page("/health")
     async def health(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
         return web.json({"status": "ok"})
+
+    @app.page("/ready")
+    async def ready(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        """Ready once the worker has started (geofences loaded) and its tables have recovered."""
+        recovery = app.tables.recovery
+        recovered = recovery.completed.is_set() and not recovery.in_recovery
+        started = worker.pipeline is not None
+        body = {"status": "ready" if started and recovered else "starting", "started": started,
+                "tables_recovered": recovered}
+        return web.json(body, status=200 if started and recovered else 503)
 
     @app.page("/metrics")
     async def metrics_page(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
