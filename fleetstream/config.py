@@ -62,6 +62,10 @@ class Settings:
     deadletter_topic: str = _opt("fleet.deadletter", "Output: rejected records with the reason")
     geofences_topic: str = _opt("fleet.geofences", "Compacted: geofence GeoJSON features (key geofence id)")
     geofence_events_topic: str = _opt("fleet.geofence.events", "Output: enter/exit/dwell events")
+    telemetry_topic: str = _opt("fleet.telemetry", "Input: device telemetry {device_id, ts, metrics} (key device_id)")
+    trips_topic: str = _opt("fleet.trips", "Output: trips and stops when they close (key device_id)")
+    alerts_topic: str = _opt("fleet.alerts", "Output: alerts raised and cleared (key subject id)")
+    rules_topic: str = _opt("fleet.rules", "Compacted: alert rules (key rule id)")
     # --- processing --------------------------------------------------------------------------------------
     h3_resolution: int = _opt(9, "Primary H3 resolution written to enriched fixes", min=0, max=15)
     h3_extra_resolutions: tuple[int, ...] = _opt((), "Extra H3 resolutions (comma separated)", min=0, max=15)
@@ -80,6 +84,11 @@ class Settings:
         0.0, "Fixes reporting a worse accuracy do not change geofence state (0: off)", min=0
     )
     geofence_dwell_s: float = _opt(0.0, "Emit one dwell event after this long inside (0: off)", min=0)
+    # --- alerts -------------------------------------------------------------------------------------------
+    rules_file: str = _opt("", "YAML or JSON alert rules to publish to the rules topic and load at start")
+    timer_interval_s: float = _opt(
+        1.0, "How often the worker checks timers (offline devices, held fixes, timed alert conditions)", min=0.05
+    )
     max_geofence_vertices: int = _opt(10_000, "Geofences with more vertices are refused", min=4)
     # --- storage and serving ------------------------------------------------------------------------------
     data_dir: str = _opt("fleetstream-data", "Directory for table storage (RocksDB) and worker state")

@@ -199,7 +199,9 @@ def geofence_to_feature(fence: Geofence) -> dict[str, Any]:
             "properties": properties}
 
 
-def load_geofences(source: str | Path | Mapping[str, Any], *, max_vertices: int = DEFAULT_MAX_VERTICES) -> list[Geofence]:
+def load_geofences(
+    source: str | Path | Mapping[str, Any], *, max_vertices: int = DEFAULT_MAX_VERTICES
+) -> list[Geofence]:
     """Geofences from a FeatureCollection or Feature (a dict, a .geojson/.json file, or a directory of them).
 
     All-or-nothing: the first bad feature raises GeofenceError naming the file and the geofence.

@@ -168,7 +168,9 @@ def segment_distance_rad(p1: np.ndarray, l1: np.ndarray, p2: np.ndarray, l2: np.
         return 2 * np.arcsin(np.minimum(1.0, np.sqrt(a)))
 
     def bearing(pa: np.ndarray, la: np.ndarray, pb: np.ndarray, lb: np.ndarray) -> np.ndarray:
-        return np.arctan2(np.sin(lb - la) * np.cos(pb), np.cos(pa) * np.sin(pb) - np.sin(pa) * np.cos(pb) * np.cos(lb - la))
+        return np.arctan2(
+            np.sin(lb - la) * np.cos(pb), np.cos(pa) * np.sin(pb) - np.sin(pa) * np.cos(pb) * np.cos(lb - la)
+        )
 
     d12 = angular(p1, l1, p2, l2)
     d13 = angular(p1, l1, phi, lam)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any, NamedTuple, Protocol
 
 from fleetstream.domain.geofences import FenceSettings, Geofence
@@ -146,7 +146,8 @@ def step(
                     events.append(GeofenceEvent(_EXIT, fix.device_id, fence_id, at_ms, lat, lon,
                                                 (at_ms - member.since_ms) / 1000.0))
                     member = Membership(False, 0, False)
-        if member.inside and rules.dwell_s > 0 and not member.dwell_done and now - member.since_ms >= rules.dwell_s * 1000:
+        dwell_due = rules.dwell_s > 0 and now - member.since_ms >= rules.dwell_s * 1000
+        if member.inside and dwell_due and not member.dwell_done:
             events.append(GeofenceEvent(_DWELL, fix.device_id, fence_id, now, fix.lat, fix.lon, rules.dwell_s))
             member = member._replace(dwell_done=True)
         if member.inside or member.pending_ms is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import ChainMap
+from collections import ChainMap, Counter
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,7 +127,7 @@ class PositionWorker:
         self.pipeline: PositionPipeline | None = None
         self.output: BatchProducer | None = None
         self.geofences: GeofenceFeed | None = None
-        self._next_offsets: dict[int, int] = {}
+        self._next_offsets: dict[tuple[str, int], int] = {}
         self.max_inflight = 2
         self._inflight: set[asyncio.Future[None]] = set()
         self._pending_states: dict[str, tuple[int, DeviceState]] = {}
@@ -183,13 +183,35 @@ class PositionWorker:
         messages = [event.message for event in events]
         records = [InRecord(m.topic, m.partition, m.offset, m.key, m.value) for m in messages]
         for record in records:
-            self._next_offsets[record.partition] = record.offset + 1
+            self._next_offsets[(record.topic, record.partition)] = record.offset + 1
         output = self._process(records)
+        await self._emit(output, events, started)
+
+    async def on_timer(self) -> None:
+        """Timers: devices gone silent, held fixes whose reorder window passed, timed alert conditions.
+
+        Runs on the event loop between batches, so its state changes go through the same pending-state,
+        send, acknowledge, apply path as a batch of input (with no input offsets to commit)."""
+        if self.pipeline is None:
+            return
+        while len(self._inflight) >= self.max_inflight:
+            await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+        started = time.perf_counter()
+        output = self.pipeline.tick(self._pending_states)  # no await between computing and registering states
+        if output.records or output.state_writes:
+            await self._emit(output, (), started)
+
+    async def _emit(self, output: BatchOutput, events: Sequence[EventT], started: float) -> None:
+        """Register the batch's states as pending, put its outputs on the wire, and acknowledge its inputs
+        once they are all acknowledged. Callers compute ``output`` with no await in between, so a concurrent
+        batch never reads states older than this one's."""
+        assert self.output is not None
         self._seq += 1
         seq = self._seq
         for device_id, entry in output.new_states.items():
             self._pending_states[device_id] = entry
             self._pending_seq[device_id] = seq
+        messages = [event.message for event in events]
         for message in messages:
             message.incref()
         acknowledged = await self.output.send(output.records)
@@ -237,18 +259,19 @@ class PositionWorker:
         if m is None:
             return
         consumer = self.app.consumer
-        topic = self.settings.positions_topic
-        assigned = [tp for tp in consumer.assignment() if tp.topic == topic]
-        m.assigned_partitions.labels(topic).set(len(assigned))
+        inputs = (self.settings.positions_topic, self.settings.telemetry_topic)
+        assigned = [tp for tp in consumer.assignment() if tp.topic in inputs]
+        for topic in inputs:
+            m.assigned_partitions.labels(topic).set(sum(1 for tp in assigned if tp.topic == topic))
         if self.geofences is not None:
             index = self.geofences.index
             m.geofences.set(len(index) if index is not None else 0)
             m.index_rebuild_seconds.set(self.geofences.last_rebuild_s)
         for tp in assigned:
             highwater = consumer.highwater(tp)
-            next_offset = self._next_offsets.get(tp.partition)
+            next_offset = self._next_offsets.get((tp.topic, tp.partition))
             if highwater is not None and next_offset is not None:
-                m.consumer_lag.labels(topic, str(tp.partition)).set(max(0, highwater - next_offset))
+                m.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))
 
     def _process(self, records: list[InRecord]) -> BatchOutput:
         """Never let one record stop the worker: on an unexpected error, retry one record at a time and
@@ -277,8 +300,10 @@ class PositionWorker:
             return
         now = time.time()
         topic = self.settings.positions_topic
-        m.input_messages.labels(topic).inc(output.messages)
-        m.input_records.labels(topic).inc(output.fixes)
+        if messages:
+            for message_topic, count in Counter(msg.topic for msg in messages).items():
+                m.input_messages.labels(message_topic).inc(count)
+            m.input_records.labels(topic).inc(output.fixes)
         for kind, count in output.transitions.items():
             m.geofence_transitions.labels(kind).inc(count)
         for (out_topic, _), found in offsets.items():
@@ -289,12 +314,13 @@ class PositionWorker:
             m.filtered.labels(reason).inc(count)
         if output.fix_ts_ms:
             m.event_lag.observe_many(now - np.asarray(output.fix_ts_ms, dtype=np.float64) / 1000.0)
-        kafka_ts = np.fromiter((msg.timestamp for msg in messages), dtype=np.float64, count=len(messages))
-        m.processing_latency.observe_many(now - kafka_ts / 1000.0)
-        m.batch_size.observe(output.messages)
-        m.batch_seconds.observe(time.perf_counter() - started)
+        if messages:
+            kafka_ts = np.fromiter((msg.timestamp for msg in messages), dtype=np.float64, count=len(messages))
+            m.processing_latency.observe_many(now - kafka_ts / 1000.0)
+            m.batch_size.observe(output.messages)
+            m.batch_seconds.observe(time.perf_counter() - started)
+            m.last_input_timestamp.set(now)
         m.devices.set(len(self.stats.devices))
-        m.last_input_timestamp.set(now)
 
 
 def create_app(
@@ -322,8 +348,9 @@ def create_app(
         autodiscover=False,
         **faust_overrides,
     )
-    positions = app.topic(
-        settings.positions_topic, key_type=bytes, value_type=bytes,
+    # one agent reads positions and telemetry (co-partitioned by device): one writer per device's state
+    inputs = app.topic(
+        settings.positions_topic, settings.telemetry_topic, key_type=bytes, value_type=bytes,
         key_serializer="raw", value_serializer="raw", partitions=settings.partitions,
     )
     table = app.Table(
@@ -346,7 +373,11 @@ def create_app(
     async def on_assigned(sender: faust.App, assigned: set[TP], **kwargs: Any) -> None:
         await worker.drain()
 
-    @app.agent(positions, name="positions")
+    @app.timer(settings.timer_interval_s)
+    async def timers() -> None:
+        await worker.on_timer()
+
+    @app.agent(inputs, name="positions")
     async def process_positions(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
             await worker.handle(events)

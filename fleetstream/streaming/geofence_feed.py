@@ -25,23 +25,24 @@ from fleetstream.streaming.output import BatchProducer, OutRecord
 log = logging.getLogger("fleetstream.geofences")
 
 
-class GeofenceFeed:
-    """Holds the current :class:`GeofenceIndex`; ``index`` is swapped whole when the topic changes."""
+class CompactedFeed:
+    """Follows a compacted topic from its beginning, for every worker (no consumer group), and hands each
+    burst of changes (latest value per key, None for a tombstone) to :meth:`apply`.
 
-    def __init__(self, settings: Settings, *, debounce_s: float = 0.2) -> None:
+    Every worker needs all of it (geofences, rules, readers), so this is a group-less consumer over all
+    partitions (what a Faust GlobalTable is underneath, without its one-partition caveats across workers).
+    Bursts are debounced so a bulk load is applied once. ``ready`` is set once the topic has been read to its end.
+    """
+
+    name = "compacted-feed"
+
+    def __init__(self, settings: Settings, topic: str, *, debounce_s: float = 0.2) -> None:
         self.settings = settings
+        self.topic = topic
         self.debounce_s = debounce_s
-        self._fences: dict[str, Geofence] = {}
-        self.index: GeofenceIndex | None = None
-        self.rejected = 0
-        self.rebuilds = 0
-        self.last_rebuild_s = 0.0
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._consumer: AIOKafkaConsumer | None = None
-
-    def current(self) -> GeofenceIndex | None:
-        return self.index
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -49,7 +50,7 @@ class GeofenceFeed:
             auto_offset_reset="earliest", **client_security(self.settings),
         )
         await self._consumer.start()
-        self._task = asyncio.create_task(self._run(), name="geofence-feed")
+        self._task = asyncio.create_task(self._run(), name=self.name)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -58,39 +59,41 @@ class GeofenceFeed:
         if self._consumer is not None:
             await self._consumer.stop()
 
+    async def apply(self, changes: Mapping[str, bytes | None]) -> None:
+        raise NotImplementedError
+
     async def _run(self) -> None:
-        while True:  # a broker hiccup must not leave the worker with a frozen geofence set
+        while True:  # a broker hiccup must not leave the worker with a frozen copy
             try:
                 await self._follow()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("geofence feed failed; retrying in 1 s")
+                log.exception("%s failed; retrying in 1 s", self.name)
                 await asyncio.sleep(1.0)
 
     async def _follow(self) -> None:
         assert self._consumer is not None
-        topic = self.settings.geofences_topic
-        partitions = self._consumer.partitions_for_topic(topic)
+        partitions = self._consumer.partitions_for_topic(self.topic)
         while not partitions:
             await self._consumer._client.force_metadata_update()
-            partitions = self._consumer.partitions_for_topic(topic)
+            partitions = self._consumer.partitions_for_topic(self.topic)
             if not partitions:
                 await asyncio.sleep(0.5)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
         while True:
             pending: dict[str, bytes | None] = {}
             batch = await self._consumer.getmany(timeout_ms=int(self.debounce_s * 1000), max_records=50_000)
-            while batch:  # keep collecting while updates stream in, then rebuild once
+            while batch:  # keep collecting while updates stream in, then apply once
                 for messages in batch.values():
                     for message in messages:
                         if message.key is not None:
                             pending[message.key.decode("utf-8", "replace")] = message.value
                 batch = await self._consumer.getmany(timeout_ms=int(self.debounce_s * 1000), max_records=50_000)
             if pending:
-                await self._apply(pending)
+                await self.apply(pending)
             if not self.ready.is_set() and await self._caught_up(tps):
                 self.ready.set()
 
@@ -102,7 +105,28 @@ class GeofenceFeed:
                 return False
         return True
 
-    async def _apply(self, changes: Mapping[str, bytes | None]) -> None:
+
+class GeofenceFeed(CompactedFeed):
+    """Holds the current :class:`GeofenceIndex`; ``index`` is swapped whole when the topic changes.
+
+    The index is rebuilt off the event loop, then swapped in with one reference assignment: a batch of fixes
+    is looked up against one consistent index, never a half-updated one.
+    """
+
+    name = "geofence-feed"
+
+    def __init__(self, settings: Settings, *, debounce_s: float = 0.2) -> None:
+        super().__init__(settings, settings.geofences_topic, debounce_s=debounce_s)
+        self._fences: dict[str, Geofence] = {}
+        self.index: GeofenceIndex | None = None
+        self.rejected = 0
+        self.rebuilds = 0
+        self.last_rebuild_s = 0.0
+
+    def current(self) -> GeofenceIndex | None:
+        return self.index
+
+    async def apply(self, changes: Mapping[str, bytes | None]) -> None:
         upserts: list[Geofence] = []
         deletes: list[str] = []
         for fence_id, value in changes.items():
@@ -140,24 +164,29 @@ async def publish_geofences(settings: Settings, fences: list[Geofence]) -> int:
         OutRecord(settings.geofences_topic, fence.id.encode(), orjson.dumps(geofence_to_feature(fence)))
         for fence in fences
     ]
-    return await _send(settings, records)
+    return await send_records(settings, records)
 
 
 async def delete_geofences(settings: Settings, ids: list[str]) -> int:
     """Publish tombstones: every worker drops the geofence and devices inside get an exit."""
-    return await _send(settings, [OutRecord(settings.geofences_topic, i.encode(), None) for i in ids])
+    return await send_records(settings, [OutRecord(settings.geofences_topic, i.encode(), None) for i in ids])
 
 
 async def read_geofences(settings: Settings, idle_s: float = 1.0) -> dict[str, dict]:
     """What the cluster holds now: the compacted topic read to the end (latest value per id, tombstones removed)."""
+    return await read_compacted(settings, settings.geofences_topic, idle_s)
+
+
+async def read_compacted(settings: Settings, topic: str, idle_s: float = 1.0) -> dict[str, dict]:
+    """A compacted topic of JSON values read to the end: the latest value per key, tombstones removed."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False, **client_security(settings)
     )
     await consumer.start()
     try:
         await consumer._client.force_metadata_update()
-        partitions = consumer.partitions_for_topic(settings.geofences_topic) or set()
-        tps = [TopicPartition(settings.geofences_topic, p) for p in partitions]
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in partitions]
         if not tps:
             return {}
         consumer.assign(tps)
@@ -173,7 +202,8 @@ async def read_geofences(settings: Settings, idle_s: float = 1.0) -> dict[str, d
         await consumer.stop()
 
 
-async def _send(settings: Settings, records: list[OutRecord]) -> int:
+async def send_records(settings: Settings, records: list[OutRecord]) -> int:
+    """Publish records with a short-lived producer, acknowledged by all replicas (CLI loaders)."""
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers, acks="all", max_batch_size=1024 * 1024,
         **client_security(settings),

@@ -69,7 +69,9 @@ class BatchProducer:
                 offsets.extend(range(metadata.offset, metadata.offset + count))
         return result
 
-    async def _send_partition(self, topic: str, partition: int, records: list[OutRecord]) -> list[tuple[asyncio.Future, int]]:
+    async def _send_partition(
+        self, topic: str, partition: int, records: list[OutRecord]
+    ) -> list[tuple[asyncio.Future, int]]:
         # Tansu reports end offset = base offset of the newest batch + 1, so the last record goes alone.
         split = len(records) - 1 if self._tail_single_record and len(records) > 1 else len(records)
         chunks: list[tuple[asyncio.Future, int]] = []

@@ -240,6 +240,10 @@ class PositionPipeline:
         # kept as Membership objects while in memory; DeviceState.to_dict writes them as lists
         return state._replace(fences=new_memberships or None)
 
+    def tick(self, pending: Mapping[str, tuple[int, DeviceState]] | None = None) -> BatchOutput:
+        """Timer work due now (offline devices, held fixes, timed alert conditions)."""
+        return BatchOutput()
+
     def internal_error(self, record: InRecord, exc: Exception) -> BatchOutput:
         """The output for a record the pipeline failed on: one dead letter naming the error."""
         out = BatchOutput(fixes=1)

@@ -32,6 +32,10 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.enriched_topic, n),
         TopicSpec(settings.deadletter_topic, n),
         TopicSpec(settings.geofence_events_topic, n),
+        TopicSpec(settings.telemetry_topic, n),
+        TopicSpec(settings.trips_topic, n),
+        TopicSpec(settings.alerts_topic, n),
+        TopicSpec(settings.rules_topic, 1, compacted=True),
         # one partition: read by every worker into a global table (FIELD-NOTES: GlobalTable needs 1)
         TopicSpec(settings.geofences_topic, 1, compacted=True),
     ]
