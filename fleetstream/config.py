@@ -101,6 +101,11 @@ class Settings:
     metrics_enabled: bool = _opt(
         True, "Record Prometheus metrics (off: /metrics serves an empty registry; for overhead measurements)"
     )
+    advertised_url: str = _opt(
+        "", "URL other workers reach this worker's API at, for routing requests to a key's owner "
+        "(default http://<hostname>:<web_port>)"
+    )
+    api_token: str = _opt("", "Bearer token the HTTP API requires when set (health, ready and metrics stay open)")
     log_level: str = _opt("warning", "debug, info, warning or error", choices=("debug", "info", "warning", "error"))
 
     # -----------------------------------------------------------------------------------------------------
@@ -152,8 +157,9 @@ class Settings:
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked, for logs and the status endpoint."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        if out["sasl_password"]:
-            out["sasl_password"] = "***"
+        for secret in ("sasl_password", "api_token"):
+            if out[secret]:
+                out[secret] = "***"
         return out
 
 

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import ChainMap, Counter
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import faust
 import numpy as np
+import orjson
 from faust.types import TP, EventT
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from fleetstream.config import Settings
 from fleetstream.domain.models import DeviceState
 from fleetstream.observability.metrics import Metrics
+from fleetstream.streaming.api import haversine_many, register_api
 from fleetstream.streaming.geofence_feed import GeofenceFeed
 from fleetstream.streaming.kafka import ssl_context
 from fleetstream.streaming.output import BatchProducer
@@ -97,6 +100,16 @@ class TableState:
             return db_for_partition(partition).get(key)
         return store.data.get(key)
 
+    def items(self) -> Iterable[tuple[bytes, bytes]]:
+        """Raw (key, value) pairs of the local store: active partitions, and standbys for the memory store."""
+        store = self.table.data
+        dbs_for_actives = getattr(store, "_dbs_for_actives", None)
+        if dbs_for_actives is not None:  # RocksDB: only the active partitions' databases
+            for db in dbs_for_actives():
+                yield from store._visible_items(db)
+        else:
+            yield from list(store.data.items())
+
     def apply(self, writes: Sequence[tuple[int, bytes, bytes]], offsets: dict[int, list[int]]) -> None:
         """Apply acknowledged changelog writes to the local store, as recovery would (persisted offsets too)."""
         if not writes:
@@ -134,6 +147,9 @@ class PositionWorker:
         self._pending_seq: dict[str, int] = {}
         self._seq = 0
         self._start_lock = asyncio.Lock()
+        # latest applied state of every device in this worker's active partitions, for the query API
+        self.directory: dict[str, tuple[int, DeviceState]] = {}
+        self._directory_stale = True
 
     async def ensure_started(self) -> None:
         """Start once, from the app's startup task or the first batch, whichever comes first."""
@@ -234,7 +250,9 @@ class PositionWorker:
             output.state_writes,
             {partition: found for (topic, partition), found in offsets.items() if topic == changelog},
         )
-        for device_id in output.new_states:
+        directory = self.directory
+        for device_id, entry in output.new_states.items():
+            directory[device_id] = entry
             if self._pending_seq.get(device_id) == seq:  # no later batch changed it: the store has it now
                 del self._pending_seq[device_id]
                 del self._pending_states[device_id]
@@ -250,6 +268,52 @@ class PositionWorker:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
         self._pending_states.clear()
         self._pending_seq.clear()
+
+    def on_assignment_changed(self) -> None:
+        """Partitions moved: the directory is rebuilt from the store once recovery completes."""
+        self.directory.clear()
+        self._directory_stale = True
+
+    def _ensure_directory(self) -> None:
+        recovery = self.app.tables.recovery
+        if not self._directory_stale or not recovery.completed.is_set() or recovery.in_recovery:
+            return
+        topic = self.settings.positions_topic
+        active = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic}
+        key_partition = self.app.producer.key_partition
+        directory: dict[str, tuple[int, DeviceState]] = {}
+        for key, value in self.state.items():  # standby partitions are filtered out below
+            partition = key_partition(topic, key).partition
+            if partition in active and value:
+                state = DeviceState.from_dict(orjson.loads(value))
+                directory[state.device_id] = (partition, state)
+        directory.update(self.directory)  # states applied since the scan started are newer
+        self.directory = directory
+        self._directory_stale = False
+
+    def device_state(self, device_id: str) -> DeviceState | None:
+        """The newest state of a device this worker owns (in flight included), or None."""
+        self._ensure_directory()
+        entry = self._pending_states.get(device_id) or self.directory.get(device_id)
+        return entry[1] if entry is not None else None
+
+    def local_states(self) -> list[DeviceState]:
+        self._ensure_directory()
+        merged = {**self.directory, **self._pending_states}
+        return [state for _, state in merged.values()]
+
+    def nearby(self, lat: float, lon: float, radius_m: float, limit: int) -> list[tuple[DeviceState, float]]:
+        """Local devices within ``radius_m`` of a point, nearest first (exact haversine)."""
+        states = self.local_states()
+        if not states:
+            return []
+        lats = np.fromiter((s.lat for s in states), dtype=np.float64, count=len(states))
+        lons = np.fromiter((s.lon for s in states), dtype=np.float64, count=len(states))
+        distances = haversine_many(lat, lon, lats, lons)
+        inside = np.flatnonzero(distances <= radius_m)
+        order = inside[np.lexsort((np.array([states[i].device_id for i in inside], dtype=object),
+                                   distances[inside]))][:limit] if len(inside) else inside
+        return [(states[i], float(distances[i])) for i in order]
 
     def refresh_gauges(self) -> None:
         """Gauges read at scrape time: assigned partitions and consumer lag (highwater minus next offset).
@@ -345,6 +409,7 @@ def create_app(
         web_host=settings.web_host,
         web_port=settings.web_port,
         web_enabled=True,
+        canonical_url=settings.advertised_url or f"http://{socket.gethostname()}:{settings.web_port}",
         autodiscover=False,
         **faust_overrides,
     )
@@ -355,6 +420,9 @@ def create_app(
     )
     table = app.Table(
         DEVICE_STATE_TABLE, default=None, partitions=settings.partitions,
+        # raw bytes: a Table derives its changelog serializers from key_type/value_type (json unless bytes),
+        # and those win over a schema's in its changelog topic
+        key_type=bytes, value_type=bytes,
         schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
     )
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
@@ -368,10 +436,14 @@ def create_app(
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: faust.App, revoked: set[TP], **kwargs: Any) -> None:
         await worker.drain()
+        worker.on_assignment_changed()
 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: faust.App, assigned: set[TP], **kwargs: Any) -> None:
         await worker.drain()
+        worker.on_assignment_changed()
+
+    register_api(app, worker, settings, table)
 
     @app.timer(settings.timer_interval_s)
     async def timers() -> None:

@@ -100,7 +100,12 @@ def worker_settings(broker_url: str, prefix: str, tmp: Path, **overrides: object
         deadletter_topic=f"{prefix}.deadletter",
         geofences_topic=f"{prefix}.geofences",
         geofence_events_topic=f"{prefix}.geofence.events",
-        web_port=free_port(),
+        telemetry_topic=f"{prefix}.telemetry",
+        trips_topic=f"{prefix}.trips",
+        alerts_topic=f"{prefix}.alerts",
+        rules_topic=f"{prefix}.rules",
+        web_port=(port := free_port()),
+        advertised_url=f"http://127.0.0.1:{port}",
         data_dir=str(tmp / f"{prefix}-data"),
         web_host="127.0.0.1",
         rebalance_timeout_s=3,  # the embedded broker waits half of it before a new group's first join

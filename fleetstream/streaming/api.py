@@ -1,0 +1,282 @@
+"""The HTTP query API over the worker's state, served by every worker on Faust's web server (aiohttp).
+
+Per-device state lives on the worker that owns the device's partition. Requests for one key are routed to the
+owner with Faust's table routing (the owner's ``canonical_url``, from the group's assignment); requests over
+many keys (lists, ``/nearby``) are gathered: the worker asked sends the same request with ``scope=local`` to
+every worker of the group and merges, so the answer is the same whichever worker is asked.
+
+Errors are JSON ``{"error": code, "detail": text}``: 400 for bad parameters (naming the parameter), 401 without
+the bearer token when ``api_token`` is set, 404 for unknown ids, 503 while the group's assignment is unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from functools import wraps
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import faust
+import h3
+import numpy as np
+from faust.web.exceptions import ServiceUnavailable
+
+from fleetstream.codecs import format_ts
+from fleetstream.config import Settings
+from fleetstream.domain.geo import EARTH_RADIUS_M
+from fleetstream.domain.geofences import geofence_to_feature
+from fleetstream.domain.models import DeviceState
+
+if TYPE_CHECKING:
+    from fleetstream.streaming.app import PositionWorker
+
+log = logging.getLogger("fleetstream.api")
+
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+MAX_NEARBY_RADIUS_M = 500_000.0
+OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+class BadRequest(Exception):
+    """A request parameter the API cannot use; the message names it."""
+
+
+def device_view(state: DeviceState) -> dict[str, Any]:
+    """The public JSON of a device's latest state (``GET /devices/{id}``)."""
+    return {
+        "device_id": state.device_id,
+        "ts": format_ts(state.ts_ms),
+        "lat": state.lat,
+        "lon": state.lon,
+        "h3": state.h3,
+        "geofences": list(state.geofences),
+        "speed_kmh": state.speed_kmh,
+        "heading_deg": state.heading_deg,
+        "motion": str(state.motion),
+        "odometer_m": state.odometer_m,
+        "fixes": state.fixes,
+    }
+
+
+def _int_param(query: Any, name: str, default: int, low: int, high: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name}: expected an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name}: {value} is outside {low}..{high}")
+    return value
+
+
+def _float_param(query: Any, name: str, low: float, high: float, default: float | None = None) -> float:
+    raw = query.get(name)
+    if raw is None:
+        if default is None:
+            raise BadRequest(f"{name}: required")
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"{name}: expected a number, got {raw!r}") from None
+    if not low <= value <= high:  # also refuses NaN
+        raise BadRequest(f"{name}: {value} is outside {low}..{high}")
+    return value
+
+
+def haversine_many(lat: float, lon: float, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
+    p1, p2 = np.radians(lat), np.radians(lats)
+    dphi = p2 - p1
+    dlmb = np.radians(lons - lon)
+    a = np.sin(dphi / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dlmb / 2) ** 2
+    return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.minimum(a, 1.0)))
+
+
+def filter_devices(
+    states: Iterable[DeviceState], *, geofence: str | None, cell: str | None, after: str | None, limit: int
+) -> list[DeviceState]:
+    """Devices matching the filters, sorted by id, starting after the ``after`` cursor, at most ``limit``."""
+    if cell is not None:
+        res = h3.get_resolution(cell)
+    out = []
+    for state in states:
+        if after is not None and state.device_id <= after:
+            continue
+        if geofence is not None and geofence not in state.geofences:
+            continue
+        if cell is not None and (
+            state.h3 is None or h3.get_resolution(state.h3) < res or h3.cell_to_parent(state.h3, res) != cell
+        ):
+            continue
+        out.append(state)
+    out.sort(key=lambda s: s.device_id)
+    return out[:limit]
+
+
+def register_api(app: faust.App, worker: PositionWorker, settings: Settings, table: faust.Table) -> None:
+    """Add the query API's views to ``app``."""
+    token = settings.api_token.encode()
+
+    def json_error(web: faust.web.Web, status: int, code: str, detail: str) -> faust.web.Response:
+        return web.json({"error": code, "detail": detail}, status=status)
+
+    def guarded(handler: Handler) -> Handler:
+        """Bearer-token check and uniform JSON errors around a view handler."""
+
+        @wraps(handler)
+        async def wrapper(view: faust.web.View, request: faust.web.Request, *args: Any, **kwargs: Any) -> Any:
+            if token:
+                given = request.headers.get("Authorization", "")
+                if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token)):
+                    return json_error(view.web, 401, "unauthorized", "a bearer token is required")
+            try:
+                return await handler(view, request, *args, **kwargs)
+            except BadRequest as exc:
+                return json_error(view.web, 400, "bad_request", str(exc))
+            except ServiceUnavailable:
+                return json_error(view.web, 503, "unavailable", "the group's partition assignment is not known yet")
+
+        return wrapper
+
+    async def gather(request: faust.web.Request, local: Callable[[], Any]) -> list[Any]:
+        """Run ``local`` here and the same request with ``scope=local`` on every other worker of the group."""
+        if request.query.get("scope") == "local":
+            return [local()]
+        me = str(app.conf.canonical_url).rstrip("/")
+        hosts = {str(url).rstrip("/") for url in app.router.tables_metadata()}
+        others = sorted(hosts - {me})
+        headers = {"Authorization": request.headers["Authorization"]} if "Authorization" in request.headers else {}
+
+        async def remote(host: str) -> Any:
+            url = f"{host}{request.path}"
+            params = {**request.query, "scope": "local"}
+            async with app.http_client.get(url, params=params, headers=headers) as response:
+                if response.status != 200:
+                    raise ServiceUnavailable(f"{host} answered {response.status}")
+                return await response.json()
+
+        answers = await asyncio.gather(*(remote(host) for host in others))
+        return [local(), *answers]
+
+    @app.page("/devices/{device_id}")
+    class DeviceView(faust.web.View):
+        @guarded
+        @app.table_route(table=table, match_info="device_id")
+        async def get(self, request: faust.web.Request, device_id: str) -> faust.web.Response:
+            state = worker.device_state(device_id)
+            if state is None:
+                return json_error(self.web, 404, "not_found", f"device {device_id!r} is not known")
+            return self.json(device_view(state))
+
+    @app.page("/devices")
+    class DevicesView(faust.web.View):
+        @guarded
+        async def get(self, request: faust.web.Request) -> faust.web.Response:
+            query = request.query
+            limit = _int_param(query, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+            cell = query.get("cell")
+            if cell is not None and not h3.is_valid_cell(cell):
+                raise BadRequest(f"cell: {cell!r} is not an H3 cell")
+            geofence, after = query.get("geofence"), query.get("after")
+
+            def local() -> list[dict[str, Any]]:
+                states = filter_devices(worker.local_states(), geofence=geofence, cell=cell, after=after, limit=limit)
+                return [device_view(s) for s in states]
+
+            merged = sorted((d for part in await gather(request, local) for d in part), key=lambda d: d["device_id"])
+            if query.get("scope") == "local":
+                return self.json(merged)
+            page = merged[:limit]
+            next_after = page[-1]["device_id"] if len(merged) > limit else None
+            return self.json({"devices": page, "next_after": next_after})
+
+    @app.page("/nearby")
+    class NearbyView(faust.web.View):
+        @guarded
+        async def get(self, request: faust.web.Request) -> faust.web.Response:
+            query = request.query
+            lat = _float_param(query, "lat", -90, 90)
+            lon = _float_param(query, "lon", -180, 180)
+            radius_m = _float_param(query, "radius_m", 0, MAX_NEARBY_RADIUS_M)
+            limit = _int_param(query, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+
+            def local() -> list[dict[str, Any]]:
+                return [
+                    {**device_view(state), "distance_m": distance}
+                    for state, distance in worker.nearby(lat, lon, radius_m, limit)
+                ]
+
+            merged = sorted(
+                (d for part in await gather(request, local) for d in part),
+                key=lambda d: (d["distance_m"], d["device_id"]),
+            )[:limit]
+            if query.get("scope") == "local":
+                return self.json(merged)
+            return self.json({"devices": merged})
+
+    @app.page("/geofences")
+    class GeofencesView(faust.web.View):
+        @guarded
+        async def get(self, request: faust.web.Request) -> faust.web.Response:
+            limit = _int_param(request.query, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+            after = request.query.get("after")
+            index = worker.geofences.index if worker.geofences is not None else None
+            ids = sorted(index.ids if index is not None else ())
+            if after is not None:
+                ids = [i for i in ids if i > after]
+            page = ids[:limit]
+            assert index is not None or not page
+            body = [geofence_summary(index.get(i)) for i in page] if index is not None else []
+            return self.json({"geofences": body, "next_after": page[-1] if len(ids) > limit else None})
+
+    @app.page("/geofences/{geofence_id}")
+    class GeofenceView(faust.web.View):
+        @guarded
+        async def get(self, request: faust.web.Request, geofence_id: str) -> faust.web.Response:
+            index = worker.geofences.index if worker.geofences is not None else None
+            fence = index.get(geofence_id) if index is not None else None
+            if fence is None:
+                return json_error(self.web, 404, "not_found", f"geofence {geofence_id!r} is not known")
+
+            def local() -> list[str]:
+                return sorted(s.device_id for s in worker.local_states() if geofence_id in s.geofences)
+
+            inside = sorted(d for part in await gather(request, local) for d in part)
+            if request.query.get("scope") == "local":
+                return self.json(inside)
+            return self.json({
+                **geofence_summary(fence), "feature": geofence_to_feature(fence),
+                "occupancy": len(inside), "devices_inside": inside[:MAX_LIMIT],
+            })
+
+    @app.page("/docs")
+    async def docs(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        return web.html(_DOCS_PAGE)
+
+    @app.page("/openapi.yaml")
+    async def openapi(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        return web.text(OPENAPI_PATH.read_text(), content_type="application/yaml")
+
+
+def geofence_summary(fence: Any) -> dict[str, Any]:
+    return {"id": fence.id, "name": fence.name, "kind": str(fence.kind), "tags": list(fence.tags)}
+
+
+_DOCS_PAGE = """<!doctype html>
+<html><head><title>fleetstream API</title><meta charset="utf-8">
+<link rel="stylesheet" href="https://unpkg.com/swagger-ui-dist@5/swagger-ui.css"></head>
+<body><div id="ui"></div>
+<script src="https://unpkg.com/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.yaml", dom_id: "#ui"});</script>
+<noscript>The API description is at <a href="/openapi.yaml">/openapi.yaml</a>.</noscript>
+</body></html>
+"""
+
