@@ -90,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     for parser_ in (geo_load, geo_delete, geo_list):
         _add_settings_flags(parser_, only=geo_only)
 
+    rules = sub.add_parser("rules", help="load, delete or list the alert rules the cluster holds")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    rules_load = rules_sub.add_parser("load", help="validate a YAML/JSON rules file and publish every rule")
+    rules_load.add_argument("path", help="rules file (see docs/RULES.md)")
+    rules_delete = rules_sub.add_parser("delete", help="publish tombstones: the rules stop (active alerts clear)")
+    rules_delete.add_argument("ids", nargs="+", help="rule ids")
+    rules_list = rules_sub.add_parser("list", help="print the rules on the compacted topic")
+    rules_list.add_argument("--json", action="store_true", help="print the rules as JSON")
+    rules_only = ("broker", "rules_topic", "partitions", "security_protocol", "sasl_mechanism", "sasl_username",
+                  "sasl_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "tail_single_record")
+    for parser_ in (rules_load, rules_delete, rules_list):
+        _add_settings_flags(parser_, only=rules_only)
+
     broker = sub.add_parser("broker", help="run the embedded Tansu broker (Kafka protocol, memory storage)")
     broker.add_argument("--host", default="127.0.0.1")
     broker.add_argument("--port", type=int, default=9092)
@@ -111,9 +124,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "worker":
         settings = _settings_from(args)  # refuse bad settings before importing Faust
+        from fleetstream.domain.geofences import GeofenceError
+        from fleetstream.domain.rules import RuleError
         from fleetstream.streaming.runner import run_worker
 
-        return run_worker(settings)
+        try:
+            return run_worker(settings)
+        except (GeofenceError, RuleError, FileNotFoundError) as exc:  # --geofences-file / --rules-file refused
+            print(f"fleetstream worker: refused: {exc}", file=sys.stderr)
+            return 2
     if args.command == "demo":
         from fleetstream.demo import DemoOptions, run_demo
 
@@ -132,6 +151,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run_broker(args)
     if args.command == "geofences":
         return _run_geofences(args)
+    if args.command == "rules":
+        return _run_rules(args)
     raise AssertionError(args.command)
 
 
@@ -223,6 +244,41 @@ def _run_geofences(args: argparse.Namespace) -> int:
             props = feature.get("properties") or {}
             print(f"{fence_id}\t{feature['geometry']['type']}\t{props.get('name', '')}")
         print(f"{len(held)} geofences", file=sys.stderr)
+    return 0
+
+
+def _run_rules(args: argparse.Namespace) -> int:
+    import orjson
+
+    from fleetstream.domain.rules import RuleError, load_rules
+    from fleetstream.streaming.rules_feed import delete_rules, publish_rules, read_rules
+    from fleetstream.streaming.topics import ensure_topics
+
+    settings = _settings_from(args)
+    if args.rules_command == "load":
+        try:
+            ruleset = load_rules(args.path)
+        except RuleError as exc:
+            print(f"fleetstream rules: refused: {exc}", file=sys.stderr)
+            return 2
+
+        async def load() -> int:
+            await ensure_topics(settings)
+            return await publish_rules(settings, ruleset)
+
+        print(f"published {asyncio.run(load())} rules to {settings.rules_topic}")
+        return 0
+    if args.rules_command == "delete":
+        count = asyncio.run(delete_rules(settings, args.ids))
+        print(f"published {count} tombstones to {settings.rules_topic}")
+        return 0
+    held = asyncio.run(read_rules(settings))
+    if args.json:
+        print(orjson.dumps(held, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
+    else:
+        for rule_id, rule in sorted(held.items()):
+            print(f"{rule_id}\t{rule.get('kind', '')}\t{rule.get('severity', '')}")
+        print(f"{len(held)} rules", file=sys.stderr)
     return 0
 
 

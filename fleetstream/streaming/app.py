@@ -9,6 +9,7 @@ per-message costs are paid once per Kafka message, not once per fix or per outpu
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import socket
 import time
@@ -24,17 +25,33 @@ from faust.types import TP, EventT
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from fleetstream.config import Settings
+from fleetstream.domain.alerts import AlertEngine
 from fleetstream.domain.models import DeviceState
+from fleetstream.domain.signals import DeviceSignals
 from fleetstream.observability.metrics import Metrics
 from fleetstream.streaming.api import haversine_many, register_api
 from fleetstream.streaming.geofence_feed import GeofenceFeed
 from fleetstream.streaming.kafka import ssl_context
 from fleetstream.streaming.output import BatchProducer
 from fleetstream.streaming.pipeline import BatchOutput, InRecord, PipelineStats, PositionPipeline
+from fleetstream.streaming.rules_feed import RulesFeed
 
 log = logging.getLogger("fleetstream.worker")
 
 DEVICE_STATE_TABLE = "device-state"
+DEVICE_SIGNALS_TABLE = "device-signals"  # latest telemetry and alert-engine state per device
+
+
+def _speed_limits(index: Any) -> dict[str, float]:
+    """Per-geofence speed limits (``properties.speed_limit_kmh``) for overspeed rules."""
+    if index is None:
+        return {}
+    limits = {}
+    for fence in index.fences:
+        limit = (fence.properties or {}).get("speed_limit_kmh")
+        if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
+            limits[fence.id] = float(limit)
+    return limits
 
 
 def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
@@ -130,12 +147,21 @@ class PositionWorker:
     """Glue between the Faust agent and the pipeline: decode batch, flush outputs, apply state."""
 
     def __init__(
-        self, app: faust.App, settings: Settings, table: faust.Table, metrics: Metrics | None = None
+        self, app: faust.App, settings: Settings, table: faust.Table, metrics: Metrics | None = None,
+        signals_table: faust.Table | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.settings = settings
         self.state = TableState(table)
+        self.signals = TableState(signals_table) if signals_table is not None else None
+        self.rules: RulesFeed | None = None
+        self._engine: AlertEngine | None = None
+        self._pending_signals: dict[str, tuple[int, DeviceSignals]] = {}
+        self._pending_signal_seq: dict[str, int] = {}
+        # alert-engine deadlines of this worker's devices: (due_ms, device, partition), stale entries skipped
+        self._deadlines: list[tuple[int, str, int]] = []
+        self._deadlines_stale = True
         self.stats = PipelineStats()
         self.pipeline: PositionPipeline | None = None
         self.output: BatchProducer | None = None
@@ -177,10 +203,30 @@ class PositionWorker:
             except TimeoutError:
                 waited_s += 30
                 log.warning("still loading geofences after %d s before the first batch", waited_s)
+        self.rules = RulesFeed(self.settings)
+        await self.rules.start()
+        while not self.rules.ready.is_set():  # likewise: rules half-loaded would miss alerts
+            try:
+                await asyncio.wait_for(self.rules.ready.wait(), timeout=30)
+            except TimeoutError:
+                log.warning("still loading alert rules before the first batch")
         self.pipeline = PositionPipeline(
             self.settings, self.state, changelog_topic=self.state.table.changelog_topic_name,
             copartitioned=n_in == n_out, stats=self.stats, geofences=self.geofences.current,
+            signals=self.signals,
+            signals_changelog_topic=self.signals.table.changelog_topic_name if self.signals is not None else "",
+            alert_engine=self.alert_engine,
         )
+
+    def alert_engine(self) -> AlertEngine | None:
+        """The engine for the current rules (rebuilt when the rules feed swaps in a new RuleSet)."""
+        if self.rules is None:
+            return None
+        ruleset = self.rules.ruleset
+        if self._engine is None or self._engine.ruleset is not ruleset:
+            index = self.geofences.index if self.geofences is not None else None
+            self._engine = AlertEngine(ruleset, _speed_limits(index))
+        return self._engine
 
     async def handle(self, events: Sequence[EventT]) -> None:
         """Process one batch and put its outputs on the wire; do not wait for them.
@@ -213,7 +259,7 @@ class PositionWorker:
         while len(self._inflight) >= self.max_inflight:
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
         started = time.perf_counter()
-        output = self.pipeline.tick(self._pending_states)  # no await between computing and registering states
+        output = self.pipeline.tick(self._due_now(), self._pending_signals)  # no await until states registered
         if output.records or output.state_writes:
             await self._emit(output, (), started)
 
@@ -227,6 +273,12 @@ class PositionWorker:
         for device_id, entry in output.new_states.items():
             self._pending_states[device_id] = entry
             self._pending_seq[device_id] = seq
+        for device_id, signal_entry in output.new_signals.items():
+            self._pending_signals[device_id] = signal_entry
+            self._pending_signal_seq[device_id] = seq
+            due = signal_entry[1].alerts.due_ms if signal_entry[1].alerts is not None else None
+            if due is not None:
+                heapq.heappush(self._deadlines, (due, device_id, signal_entry[0]))
         messages = [event.message for event in events]
         for message in messages:
             message.incref()
@@ -250,6 +302,16 @@ class PositionWorker:
             output.state_writes,
             {partition: found for (topic, partition), found in offsets.items() if topic == changelog},
         )
+        if self.signals is not None and output.signal_writes:
+            signals_changelog = self.signals.table.changelog_topic_name
+            self.signals.apply(
+                output.signal_writes,
+                {partition: found for (topic, partition), found in offsets.items() if topic == signals_changelog},
+            )
+        for device_id in output.new_signals:
+            if self._pending_signal_seq.get(device_id) == seq:
+                del self._pending_signal_seq[device_id]
+                del self._pending_signals[device_id]
         directory = self.directory
         for device_id, entry in output.new_states.items():
             directory[device_id] = entry
@@ -268,11 +330,15 @@ class PositionWorker:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
         self._pending_states.clear()
         self._pending_seq.clear()
+        self._pending_signals.clear()
+        self._pending_signal_seq.clear()
 
     def on_assignment_changed(self) -> None:
         """Partitions moved: the directory is rebuilt from the store once recovery completes."""
         self.directory.clear()
         self._directory_stale = True
+        self._deadlines.clear()
+        self._deadlines_stale = True
 
     def _ensure_directory(self) -> None:
         recovery = self.app.tables.recovery
@@ -290,6 +356,53 @@ class PositionWorker:
         directory.update(self.directory)  # states applied since the scan started are newer
         self.directory = directory
         self._directory_stale = False
+
+    def _due_now(self) -> list[tuple[int, str]]:
+        """(partition, device) pairs whose alert deadline has passed; rebuilt from the store after a rebalance."""
+        recovery = self.app.tables.recovery
+        if self.signals is None or not recovery.completed.is_set() or recovery.in_recovery:
+            return []
+        if self._deadlines_stale:
+            self._rebuild_deadlines()
+        now_ms = int(time.time() * 1000)
+        due: dict[str, int] = {}
+        while self._deadlines and self._deadlines[0][0] <= now_ms:
+            _, device_id, partition = heapq.heappop(self._deadlines)
+            due[device_id] = partition  # the pipeline re-reads the state and skips ones no longer due
+        return [(partition, device_id) for device_id, partition in due.items()]
+
+    def _rebuild_deadlines(self) -> None:
+        assert self.signals is not None
+        topic = self.settings.positions_topic
+        active = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic}
+        key_partition = self.app.producer.key_partition
+        deadlines = []
+        for key, value in self.signals.items():
+            if not value:
+                continue
+            partition = key_partition(topic, key).partition
+            if partition not in active:
+                continue
+            signal = DeviceSignals.from_json(orjson.loads(value))
+            if signal.alerts is not None and signal.alerts.due_ms is not None:
+                deadlines.append((signal.alerts.due_ms, signal.device_id, partition))
+        for device_id, (partition, signal) in self._pending_signals.items():
+            if signal.alerts is not None and signal.alerts.due_ms is not None:
+                deadlines.append((signal.alerts.due_ms, device_id, partition))
+        heapq.heapify(deadlines)
+        self._deadlines = deadlines
+        self._deadlines_stale = False
+
+    def device_signals(self, device_id: str) -> DeviceSignals | None:
+        """Latest telemetry and alert state of a device this worker owns, or None."""
+        entry = self._pending_signals.get(device_id)
+        if entry is not None:
+            return entry[1]
+        if self.signals is None:
+            return None
+        partition = self.app.producer.key_partition(self.settings.positions_topic, device_id.encode()).partition
+        raw = self.signals.get(partition, device_id.encode())
+        return DeviceSignals.from_json(orjson.loads(raw)) if raw else None
 
     def device_state(self, device_id: str) -> DeviceState | None:
         """The newest state of a device this worker owns (in flight included), or None."""
@@ -342,15 +455,16 @@ class PositionWorker:
         dead-letter the ones that still fail, with reason ``internal_error``."""
         assert self.pipeline is not None
         try:
-            return self.pipeline.process(records, self._pending_states)
+            return self.pipeline.process(records, self._pending_states, self._pending_signals)
         except Exception:
             log.exception("batch of %d records failed; retrying record by record", len(records))
         merged = BatchOutput(messages=len(records))
         # later records of a device must see the states earlier ones produced
         pending = ChainMap(merged.new_states, self._pending_states)
+        pending_signals = ChainMap(merged.new_signals, self._pending_signals)
         for record in records:
             try:
-                single = self.pipeline.process([record], pending)
+                single = self.pipeline.process([record], pending, pending_signals)
             except Exception as exc:
                 log.exception("record %s/%d@%d failed", record.topic, record.partition, record.offset)
                 single = self.pipeline.internal_error(record, exc)
@@ -372,8 +486,12 @@ class PositionWorker:
             m.geofence_transitions.labels(kind).inc(count)
         for (out_topic, _), found in offsets.items():
             m.output_records.labels(out_topic).inc(len(found))
-        for reason, count in output.deadlettered.items():
-            m.deadlettered.labels(topic, reason).inc(count)
+        for (source_topic, reason), count in output.deadlettered_by_topic.items():
+            m.deadlettered.labels(source_topic, reason).inc(count)
+        for (rule, severity, state), count in output.alerts.items():
+            m.alerts.labels(rule, severity, state).inc(count)
+        if output.telemetry:
+            m.input_records.labels(self.settings.telemetry_topic).inc(output.telemetry)
         for reason, count in output.filtered.items():
             m.filtered.labels(reason).inc(count)
         if output.fix_ts_ms:
@@ -425,8 +543,12 @@ def create_app(
         key_type=bytes, value_type=bytes,
         schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
     )
+    signals_table = app.Table(
+        DEVICE_SIGNALS_TABLE, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes,
+        schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
+    )
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
-    worker = PositionWorker(app, settings, table, metrics if settings.metrics_enabled else None)
+    worker = PositionWorker(app, settings, table, metrics if settings.metrics_enabled else None, signals_table)
     app.fleetstream_worker = worker  # type: ignore[attr-defined]
 
     @app.task

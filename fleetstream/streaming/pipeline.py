@@ -17,10 +17,20 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import orjson
 
-from fleetstream.codecs import CodecLimits, DecodeError, deadletter_record, decode_positions, dumps, format_ts
+from fleetstream.codecs import (
+    CodecLimits,
+    DecodeError,
+    deadletter_record,
+    decode_positions,
+    decode_telemetry,
+    dumps,
+    format_ts,
+)
 from fleetstream.config import Settings
+from fleetstream.domain.alerts import Alert, AlertEngine
 from fleetstream.domain.geoindex import GeofenceIndex
-from fleetstream.domain.models import DeviceState, Position
+from fleetstream.domain.models import DeviceState, Position, Telemetry
+from fleetstream.domain.signals import DeviceSignals
 from fleetstream.domain.tracking import Enrichment, TrackingConfig, step_position
 from fleetstream.domain.transitions import (
     GeofenceEvent,
@@ -60,6 +70,12 @@ class BatchOutput:
     fix_ts_ms: list[int] = field(default_factory=list)  # accepted fixes' event times, for the lag histogram
     new_states: dict[str, tuple[int, DeviceState]] = field(default_factory=dict)  # device -> (partition, state)
     transitions: Counter[str] = field(default_factory=Counter)  # geofence events by type
+    telemetry: int = 0  # telemetry readings in (accepted or dead-lettered)
+    # latest telemetry + alert state per device (the device-signals table), like new_states / state_writes
+    new_signals: dict[str, tuple[int, DeviceSignals]] = field(default_factory=dict)
+    signal_writes: list[tuple[int, bytes, bytes]] = field(default_factory=list)
+    alerts: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (rule, severity, state)
+    deadlettered_by_topic: Counter[tuple[str, str]] = field(default_factory=Counter)  # (source topic, reason)
 
     def merge(self, other: BatchOutput) -> None:
         self.records.extend(other.records)
@@ -71,6 +87,11 @@ class BatchOutput:
         self.fix_ts_ms.extend(other.fix_ts_ms)
         self.new_states.update(other.new_states)
         self.transitions.update(other.transitions)
+        self.telemetry += other.telemetry
+        self.new_signals.update(other.new_signals)
+        self.signal_writes.extend(other.signal_writes)
+        self.alerts.update(other.alerts)
+        self.deadlettered_by_topic.update(other.deadlettered_by_topic)
 
 
 @dataclass(slots=True)
@@ -83,6 +104,8 @@ class PipelineStats:
     deadlettered: Counter[str] = field(default_factory=Counter)
     filtered: Counter[str] = field(default_factory=Counter)
     transitions: Counter[str] = field(default_factory=Counter)
+    telemetry_in: int = 0
+    alerts: Counter[str] = field(default_factory=Counter)  # by state: raised, cleared
     batches: int = 0
     devices: set[str] = field(default_factory=set)
     # wall clock (time.time) and process CPU (time.process_time) at the first batch and after the last flush:
@@ -100,6 +123,9 @@ class PipelineStats:
         self.deadlettered.update(out.deadlettered)
         self.filtered.update(out.filtered)
         self.transitions.update(out.transitions)
+        self.telemetry_in += out.telemetry
+        for (_, _, state), count in out.alerts.items():
+            self.alerts[state] += count
 
     def mark_batch_start(self) -> None:
         if self.first_batch_wall_s is None:
@@ -115,6 +141,7 @@ class PipelineStats:
             "messages_in": self.messages_in, "fixes_in": self.fixes_in, "enriched": self.enriched,
             "deadlettered": sum(self.deadlettered.values()), "deadlettered_by_reason": dict(self.deadlettered),
             "filtered_by_reason": dict(self.filtered), "geofence_events": dict(self.transitions),
+            "telemetry_in": self.telemetry_in, "alerts": dict(self.alerts),
             "batches": self.batches,
             "devices_seen": len(self.devices),
             "first_batch_wall_s": self.first_batch_wall_s, "first_batch_cpu_s": self.first_batch_cpu_s,
@@ -135,9 +162,15 @@ class PositionPipeline:
         geofences: Callable[[], GeofenceIndex | None] = lambda: None,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         stats: PipelineStats | None = None,
+        signals: StateReader | None = None,
+        signals_changelog_topic: str = "",
+        alert_engine: Callable[[], AlertEngine | None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.state = state
+        self.signals = signals
+        self.signals_changelog_topic = signals_changelog_topic
+        self.alert_engine = alert_engine
         self.changelog_topic = changelog_topic
         self.copartitioned = copartitioned
         self.geofences = geofences
@@ -160,12 +193,37 @@ class PositionPipeline:
         )
 
     def process(
-        self, records: Sequence[InRecord], pending: Mapping[str, tuple[int, DeviceState]] | None = None
+        self, records: Sequence[InRecord], pending: Mapping[str, tuple[int, DeviceState]] | None = None,
+        pending_signals: Mapping[str, tuple[int, DeviceSignals]] | None = None,
     ) -> BatchOutput:
-        """``pending``: device states of earlier batches whose changelog is not acknowledged yet (so not in the
-        store); read before the store, never modified here. This batch's states come back in ``new_states``."""
+        """``pending``/``pending_signals``: states of earlier batches whose changelog is not acknowledged yet (so
+        not in the store); read before the store, never modified here. This batch's states come back in
+        ``new_states``/``new_signals``. Records are positions or telemetry (one agent reads both topics, so one
+        writer owns each device)."""
         now_ms = self.clock_ms()
         out = BatchOutput(messages=len(records))
+        telemetry_topic = self.settings.telemetry_topic
+        positions = [r for r in records if r.topic != telemetry_topic]
+        engine = self.alert_engine()
+        if engine is not None and not len(engine.ruleset):
+            engine = None
+        signals = _SignalsCursor(self, out, pending_signals or {})
+        if len(positions) != len(records):
+            self._telemetry([r for r in records if r.topic == telemetry_topic], out, engine, signals, now_ms)
+        if positions:
+            self._positions(positions, out, pending or {}, engine, signals, now_ms)
+        for device_id, (partition, signal) in out.new_signals.items():
+            key = device_id.encode()
+            value = dumps(signal.to_json())
+            out.signal_writes.append((partition, key, value))
+            out.records.append(OutRecord(self.signals_changelog_topic, key, value, partition))
+        return out
+
+    def _positions(
+        self, records: Sequence[InRecord], out: BatchOutput, pending: Mapping[str, tuple[int, DeviceState]],
+        engine: AlertEngine | None, signals: _SignalsCursor, now_ms: int,
+    ) -> None:
+        deadletters_before = len(out.records)
         accepted: list[tuple[InRecord, int, Position]] = []
         for record in records:
             for index, item in enumerate(decode_positions(record.key, record.value, now_ms=now_ms, limits=self.limits)):
@@ -173,9 +231,9 @@ class PositionPipeline:
                     out.records.append(self._deadletter(out, record, index, item, now_ms))
                 else:
                     accepted.append((record, index, item))
-        out.fixes = len(accepted) + len(out.records)
+        out.fixes = len(accepted) + len(out.records) - deadletters_before
         if not accepted:
-            return out
+            return
 
         index = self.geofences()
         if index is not None and len(index):
@@ -188,7 +246,6 @@ class PositionPipeline:
         events_topic = self.settings.geofence_events_topic
 
         states = out.new_states
-        pending = pending or {}
         enriched_topic = self.settings.enriched_topic
         copartitioned = self.copartitioned
         tracking = self.tracking
@@ -206,9 +263,14 @@ class PositionPipeline:
             if enrichment.filtered is None:
                 if fences != new_state.geofences:
                     new_state = new_state._replace(geofences=fences)
+                events: list[GeofenceEvent] = []
                 if index is not None or new_state.fences:
-                    new_state = self._transitions(out, record, previous, new_state, fix, fences, index, events_topic)
+                    new_state, events = self._transitions(
+                        out, record, previous, new_state, fix, fences, index, events_topic
+                    )
                 states[device_id] = (record.partition, new_state)
+                if engine is not None:
+                    self._alerts_on_position(out, record, engine, signals, new_state, enrichment, fix, events)
             else:
                 out.filtered[enrichment.filtered.value] += 1
             value = dumps(enriched_dict(record, item_index, fix, enrichment, fences))
@@ -222,12 +284,88 @@ class PositionPipeline:
             out.state_writes.append((partition, key, value))
             out.records.append(OutRecord(self.changelog_topic, key, value, partition))
             self.stats.devices.add(device_id)
+
+    def _alerts_on_position(
+        self, out: BatchOutput, record: InRecord, engine: AlertEngine, signals: _SignalsCursor, state: DeviceState,
+        enrichment: Enrichment, fix: Position, events: Sequence[GeofenceEvent],
+    ) -> None:
+        device_id = fix.device_id
+        current = signals.get(record.partition, device_id)
+        values = {
+            "lat": fix.lat, "lon": fix.lon, "speed_kmh": enrichment.speed_kmh, "heading_deg": enrichment.heading_deg,
+            "odometer_m": enrichment.odometer_m, "motion": enrichment.motion.value, "accuracy_m": fix.accuracy_m,
+            "altitude_m": fix.altitude_m,
+        }
+        before = current.alerts if current is not None else None
+        after, alerts = engine.on_position(before, device_id, fix.ts_ms, values, state.geofences, events)
+        if after is not before:
+            signals.put(record.partition, device_id, current, alerts=after)
+        self._emit_alerts(out, record.partition, alerts)
+
+    def _telemetry(
+        self, records: Sequence[InRecord], out: BatchOutput, engine: AlertEngine | None, signals: _SignalsCursor,
+        now_ms: int,
+    ) -> None:
+        readings = 0
+        for record in records:
+            for index, item in enumerate(decode_telemetry(record.key, record.value, now_ms=now_ms, limits=self.limits)):
+                readings += 1
+                if isinstance(item, DecodeError):
+                    out.records.append(self._deadletter(out, record, index, item, now_ms))
+                    continue
+                reading: Telemetry = item
+                current = signals.get(record.partition, reading.device_id)
+                base = current if current is not None else DeviceSignals(reading.device_id)
+                updated = base.with_telemetry(reading.ts_ms, reading.metrics)
+                alerts: list[Alert] = []
+                if engine is not None:
+                    after, alerts = engine.on_telemetry(updated.alerts, reading.device_id, reading.ts_ms,
+                                                        reading.metrics)
+                    updated = updated._replace(alerts=after)
+                signals.put(record.partition, reading.device_id, updated)
+                self._emit_alerts(out, record.partition, alerts)
+        out.telemetry = readings
+
+    def tick(
+        self, due: Sequence[tuple[int, str]], pending_signals: Mapping[str, tuple[int, DeviceSignals]] | None = None,
+        now_ms: int | None = None,
+    ) -> BatchOutput:
+        """Timer work: the alert engine's deadlines (offline devices, durations met on held values, schedule
+        boundaries) for the ``(partition, device)`` pairs due by now."""
+        out = BatchOutput()
+        engine = self.alert_engine()
+        if engine is None or not due:
+            return out
+        now_ms = self.clock_ms() if now_ms is None else now_ms
+        signals = _SignalsCursor(self, out, pending_signals or {})
+        for partition, device_id in due:
+            current = signals.get(partition, device_id)
+            if current is None or current.alerts is None:
+                continue
+            after, alerts = engine.tick(current.alerts, device_id, now_ms)
+            if after is not current.alerts:
+                signals.put(partition, device_id, current, alerts=after)
+            self._emit_alerts(out, partition, alerts)
+        for device_id, (partition, signal) in out.new_signals.items():
+            key = device_id.encode()
+            value = dumps(signal.to_json())
+            out.signal_writes.append((partition, key, value))
+            out.records.append(OutRecord(self.signals_changelog_topic, key, value, partition))
         return out
+
+    def _emit_alerts(self, out: BatchOutput, partition: int, alerts: Sequence[Alert]) -> None:
+        if not alerts:
+            return
+        topic = self.settings.alerts_topic
+        target = partition if self.copartitioned else None
+        for alert in alerts:
+            out.alerts[(alert.rule, alert.severity.value, alert.state.value)] += 1
+            out.records.append(OutRecord(topic, alert.subject_id.encode(), dumps(alert_dict(alert)), target))
 
     def _transitions(
         self, out: BatchOutput, record: InRecord, previous: DeviceState | None, state: DeviceState, fix: Position,
         fences: tuple[str, ...], index: GeofenceIndex | None, events_topic: str,
-    ) -> DeviceState:
+    ) -> tuple[DeviceState, list[GeofenceEvent]]:
         """Geofence enter/exit/dwell/cross for one accepted fix; events go out keyed by device."""
         memberships = memberships_from_json(previous.fences if previous is not None else None)
         new_memberships, events = transition_step(
@@ -238,26 +376,56 @@ class PositionPipeline:
             out.transitions[event.type.value] += 1
             out.records.append(OutRecord(events_topic, record.key, dumps(geofence_event_dict(event)), partition))
         # kept as Membership objects while in memory; DeviceState.to_dict writes them as lists
-        return state._replace(fences=new_memberships or None)
-
-    def tick(self, pending: Mapping[str, tuple[int, DeviceState]] | None = None) -> BatchOutput:
-        """Timer work due now (offline devices, held fixes, timed alert conditions)."""
-        return BatchOutput()
+        return state._replace(fences=new_memberships or None), events
 
     def internal_error(self, record: InRecord, exc: Exception) -> BatchOutput:
         """The output for a record the pipeline failed on: one dead letter naming the error."""
-        out = BatchOutput(fixes=1)
+        telemetry = record.topic == self.settings.telemetry_topic
+        out = BatchOutput(fixes=0 if telemetry else 1, telemetry=1 if telemetry else 0)
         error = DecodeError("internal_error", f"{type(exc).__name__}: {exc}"[:500])
         out.records.append(self._deadletter(out, record, 0, error, self.clock_ms()))
         return out
 
     def _deadletter(self, out: BatchOutput, record: InRecord, index: int, error: DecodeError, now_ms: int) -> OutRecord:
         out.deadlettered[error.reason] += 1
+        out.deadlettered_by_topic[(record.topic, error.reason)] += 1
         value = deadletter_record(
             source_topic=record.topic, partition=record.partition, offset=record.offset, index=index,
             key=record.key, raw=record.value, error=error, now_ms=now_ms, limits=self.limits,
         )
         return OutRecord(self.settings.deadletter_topic, record.key, value, None)
+
+
+class _SignalsCursor:
+    """Reads a device's signals (this batch's, then in flight, then the store) and records new ones."""
+
+    def __init__(self, pipeline: PositionPipeline, out: BatchOutput,
+                 pending: Mapping[str, tuple[int, DeviceSignals]]) -> None:
+        self.reader = pipeline.signals
+        self.new = out.new_signals
+        self.pending = pending
+
+    def get(self, partition: int, device_id: str) -> DeviceSignals | None:
+        cached = self.new.get(device_id) or self.pending.get(device_id)
+        if cached is not None:
+            return cached[1]
+        if self.reader is None:
+            return None
+        raw = self.reader.get(partition, device_id.encode())
+        return DeviceSignals.from_json(orjson.loads(raw)) if raw else None
+
+    def put(self, partition: int, device_id: str, current: DeviceSignals | None, **changes: object) -> None:
+        base = current if current is not None else DeviceSignals(device_id)
+        self.new[device_id] = (partition, base._replace(**changes) if changes else base)
+
+
+def alert_dict(alert: Alert) -> dict[str, object]:
+    """The ``fleet.alerts`` message (schemas/alert.json)."""
+    return {
+        "alert_id": alert.alert_id, "rule": alert.rule, "severity": alert.severity.value,
+        "state": alert.state.value, "subject_id": alert.subject_id, "ts": format_ts(alert.ts_ms),
+        "details": alert.details,
+    }
 
 
 def event_id(record: InRecord, index: int) -> str:

@@ -33,6 +33,11 @@ def run_worker(settings: Settings) -> int:
     if settings.geofences_file:  # validated whole before anything is published; a bad file stops the start
         fences = load_geofences(settings.geofences_file, max_vertices=settings.max_geofence_vertices)
         loop.run_until_complete(publish_geofences(settings, fences))
+    if settings.rules_file:  # likewise: a bad rules file stops the start, naming the rule and the problem
+        from fleetstream.domain.rules import load_rules
+        from fleetstream.streaming.rules_feed import publish_rules
+
+        loop.run_until_complete(publish_rules(settings, load_rules(settings.rules_file)))
     app = create_app(settings)
     level = getattr(logging, settings.log_level.upper())
     worker = _Worker(app, loglevel=settings.log_level, loop=loop, fleetstream_level=level)
