@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from fleetstream.domain.alerts import DeviceAlertState
+from fleetstream.domain.alerts import DeviceAlertState, make_alert_id
 
 
 class DeviceSignals(NamedTuple):
@@ -50,3 +50,17 @@ class DeviceSignals(NamedTuple):
             str(data["device_id"]), data.get("telemetry"), data.get("telemetry_ts_ms"),
             DeviceAlertState.from_json(alerts) if alerts else None,
         )
+
+
+def active_alerts(state: DeviceAlertState | None, subject_id: str) -> list[tuple[str, str, int]]:
+    """(rule id, alert id, raise time) of every alert raised and not yet cleared in an engine state."""
+    if state is None:
+        return []
+    out = []
+    for rule_id, rule_state in (state.rules or {}).items():
+        raised_ms = getattr(rule_state, "raised_ms", None)
+        if raised_ms is not None:
+            out.append((rule_id, make_alert_id(rule_id, subject_id, raised_ms), raised_ms))
+    for rule_id, raised_ms in (state.offline or {}).items():
+        out.append((rule_id, make_alert_id(rule_id, subject_id, raised_ms), raised_ms))
+    return sorted(out)

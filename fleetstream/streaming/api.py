@@ -29,6 +29,7 @@ from fleetstream.config import Settings
 from fleetstream.domain.geo import EARTH_RADIUS_M
 from fleetstream.domain.geofences import geofence_to_feature
 from fleetstream.domain.models import DeviceState
+from fleetstream.domain.signals import DeviceSignals, active_alerts
 
 if TYPE_CHECKING:
     from fleetstream.streaming.app import PositionWorker
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fleetstream.api")
 
 MAX_LIMIT = 1000
+SEVERITIES = ("critical", "major", "minor", "warning", "info")
 DEFAULT_LIMIT = 100
 MAX_NEARBY_RADIUS_M = 500_000.0
 OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
@@ -62,6 +64,24 @@ def device_view(state: DeviceState) -> dict[str, Any]:
         "odometer_m": state.odometer_m,
         "fixes": state.fixes,
     }
+
+
+def signals_view(signals: DeviceSignals | None, rules: Any) -> dict[str, Any]:
+    """Latest telemetry and active alerts of a device (part of ``GET /devices/{id}``)."""
+    if signals is None:
+        return {"telemetry": None, "telemetry_ts": None, "active_alerts": []}
+    return {
+        "telemetry": dict(signals.telemetry) if signals.telemetry is not None else None,
+        "telemetry_ts": format_ts(signals.telemetry_ts_ms) if signals.telemetry_ts_ms is not None else None,
+        "active_alerts": [alert_view(rule_id, alert_id, raised_ms, signals.device_id, rules)
+                          for rule_id, alert_id, raised_ms in active_alerts(signals.alerts, signals.device_id)],
+    }
+
+
+def alert_view(rule_id: str, alert_id: str, raised_ms: int, subject_id: str, rules: Any) -> dict[str, Any]:
+    rule = rules.get(rule_id) if rules is not None else None
+    return {"alert_id": alert_id, "rule": rule_id, "severity": str(rule.severity) if rule is not None else None,
+            "state": "raised", "subject_id": subject_id, "ts": format_ts(raised_ms)}
 
 
 def _int_param(query: Any, name: str, default: int, low: int, high: int) -> int:
@@ -172,9 +192,11 @@ def register_api(app: faust.App, worker: PositionWorker, settings: Settings, tab
         @app.table_route(table=table, match_info="device_id")
         async def get(self, request: faust.web.Request, device_id: str) -> faust.web.Response:
             state = worker.device_state(device_id)
-            if state is None:
+            signals = worker.device_signals(device_id)
+            if state is None and signals is None:
                 return json_error(self.web, 404, "not_found", f"device {device_id!r} is not known")
-            return self.json(device_view(state))
+            body = device_view(state) if state is not None else {"device_id": device_id, "ts": None}
+            return self.json({**body, **signals_view(signals, current_rules())})
 
     @app.page("/devices")
     class DevicesView(faust.web.View):
@@ -221,6 +243,43 @@ def register_api(app: faust.App, worker: PositionWorker, settings: Settings, tab
             if query.get("scope") == "local":
                 return self.json(merged)
             return self.json({"devices": merged})
+
+    def current_rules() -> Any:
+        return worker.rules.ruleset if worker.rules is not None else None
+
+    @app.page("/alerts")
+    class AlertsView(faust.web.View):
+        @guarded
+        async def get(self, request: faust.web.Request) -> faust.web.Response:
+            query = request.query
+            state = query.get("state", "raised")
+            if state != "raised":
+                raise BadRequest("state: only 'raised' (active) alerts are held; the alerts topic has the history")
+            severity = query.get("severity")
+            if severity is not None and severity not in SEVERITIES:
+                raise BadRequest(f"severity: {severity!r} is not one of {', '.join(SEVERITIES)}")
+            rule = query.get("rule")
+            limit = _int_param(query, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+            after = query.get("after")
+
+            def local() -> list[dict[str, Any]]:
+                rules = current_rules()
+                found = []
+                for signals in worker.local_signals():
+                    for rule_id, alert_id, raised_ms in active_alerts(signals.alerts, signals.device_id):
+                        view = alert_view(rule_id, alert_id, raised_ms, signals.device_id, rules)
+                        if severity is not None and view["severity"] != severity:
+                            continue
+                        if (rule is not None and rule_id != rule) or (after is not None and alert_id <= after):
+                            continue
+                        found.append(view)
+                return sorted(found, key=lambda a: a["alert_id"])[:limit]
+
+            merged = sorted((a for part in await gather(request, local) for a in part), key=lambda a: a["alert_id"])
+            if query.get("scope") == "local":
+                return self.json(merged)
+            page = merged[:limit]
+            return self.json({"alerts": page, "next_after": page[-1]["alert_id"] if len(merged) > limit else None})
 
     @app.page("/geofences")
     class GeofencesView(faust.web.View):

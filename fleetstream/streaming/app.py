@@ -404,6 +404,21 @@ class PositionWorker:
         raw = self.signals.get(partition, device_id.encode())
         return DeviceSignals.from_json(orjson.loads(raw)) if raw else None
 
+    def local_signals(self) -> list[DeviceSignals]:
+        """Telemetry and alert state of every device in this worker's active partitions."""
+        if self.signals is None:
+            return []
+        topic = self.settings.positions_topic
+        active = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic}
+        key_partition = self.app.producer.key_partition
+        found: dict[str, DeviceSignals] = {}
+        for key, value in self.signals.items():
+            if value and key_partition(topic, key).partition in active:
+                signal = DeviceSignals.from_json(orjson.loads(value))
+                found[signal.device_id] = signal
+        found.update({device_id: entry[1] for device_id, entry in self._pending_signals.items()})
+        return list(found.values())
+
     def device_state(self, device_id: str) -> DeviceState | None:
         """The newest state of a device this worker owns (in flight included), or None."""
         self._ensure_directory()

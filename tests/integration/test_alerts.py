@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -85,6 +86,11 @@ def wait_for_alerts(settings, predicate, timeout_s: float = 90) -> list[dict]:
         if predicate(got) or time.monotonic() > deadline:
             return got
         time.sleep(1)
+
+
+def api_get(worker: WorkerProcess, path: str) -> dict:
+    with urllib.request.urlopen(worker.base_url + path, timeout=10) as response:
+        return orjson.loads(response.read())
 
 
 def keyset(alerts: list[dict]) -> set[tuple[str, str, str]]:
@@ -163,6 +169,17 @@ def test_scripted_incidents_give_exactly_the_expected_alerts(broker, prefix, tmp
         final = wait_for_alerts(settings, lambda got: len(got) >= 8, timeout_s=60)
         time.sleep(3 * settings.timer_interval_s)  # and nothing more comes from the timer
         final = alerts_of(settings)
+
+        # the API serves the same picture: active alerts, and a device's latest telemetry and alerts
+        active = api_get(worker, "/alerts")["alerts"]
+        assert {(a["rule"], a["subject_id"]) for a in active} == {
+            ("depot-at-night", "truck-1"), ("battery-trend", "truck-2")}
+        assert [a["rule"] for a in api_get(worker, "/alerts?severity=critical")["alerts"]] == ["depot-at-night"]
+        reefer = api_get(worker, "/devices/reefer-1")
+        assert reefer["telemetry"] == {"temperature_c": 6.0} and reefer["active_alerts"] == []
+        truck = api_get(worker, "/devices/truck-1")
+        assert truck["lat"] == pytest.approx(52.028) and [a["rule"] for a in truck["active_alerts"]] == [
+            "depot-at-night"]
     finally:
         worker.stop()
 
