@@ -27,12 +27,12 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.throughput import load  # noqa: E402
-from fleetstream.codecs import format_ts  # noqa: E402
-from fleetstream.config import Settings  # noqa: E402
-from fleetstream.embedded import EmbeddedBroker, free_port  # noqa: E402
-from fleetstream.streaming.topics import ensure_topics  # noqa: E402
-from tests.integration.helpers import WorkerProcess  # noqa: E402
+from benchmarks.throughput import load
+from fleetstream.codecs import format_ts
+from fleetstream.config import Settings
+from fleetstream.embedded import EmbeddedBroker, free_port
+from fleetstream.streaming.topics import ensure_topics
+from tests.integration.helpers import WorkerProcess
 
 CENTER = (53.40, -2.98)
 SPREAD_DEG = 0.5  # devices over a ~55 x 35 km area

@@ -158,12 +158,16 @@ def run_quix(bootstrap: str, topic: str, out_topic: str, n_fixes: int) -> tuple[
 
 
 def run_worker(broker_url: str, topic: str, n_fixes: int, partitions: int, workdir: Path, tag: str,
-               wrapper: list[str] | None = None, geofences_topic: str | None = None) -> tuple[float, float]:
+               wrapper: list[str] | None = None, geofences_topic: str | None = None,
+               **overrides: object) -> tuple[float, float]:
+    """Run a real worker over the loaded topic; ``overrides`` are extra settings (a variant under test)."""
     settings = Settings.load(
         env={}, broker=broker_url, app_id=f"bench-{tag}", positions_topic=topic,
         enriched_topic=f"{topic}.{tag}.enriched", deadletter_topic=f"{topic}.{tag}.dead",
         geofence_events_topic=f"{topic}.{tag}.events", geofences_topic=geofences_topic or f"bench.{tag}.geofences",
-        partitions=partitions, web_port=free_port(), web_host="127.0.0.1", data_dir=str(workdir / tag),
+        telemetry_topic=f"{topic}.{tag}.telemetry", alerts_topic=f"{topic}.{tag}.alerts",
+        trips_topic=f"{topic}.{tag}.trips", partitions=partitions, web_port=free_port(), web_host="127.0.0.1",
+        data_dir=str(workdir / tag), **{"rules_topic": f"bench.{tag}.rules", **overrides},
     )
     env = {**os.environ, **settings.to_env()}
     log = open(workdir / f"{tag}.log", "wb")  # noqa: SIM115
@@ -207,6 +211,9 @@ def main() -> None:
     parser.add_argument("--pipelines", default="worker,aiokafka,quix")
     parser.add_argument("--geofences", default="0",
                         help="geofence counts to run the worker with, comma separated (e.g. 0,10000)")
+    parser.add_argument("--rules", default="0",
+                        help="alert rule counts to run the worker with, comma separated (e.g. 0,50): a mix of "
+                        "overspeed, position thresholds, offline, maintenance, geofence and telemetry rules")
     parser.add_argument("--worker-wrapper", default="", help="command prefix for the worker, e.g. a profiler")
     args = parser.parse_args()
     pipelines = args.pipelines.split(",")
@@ -218,12 +225,14 @@ def main() -> None:
             pipelines.remove("quix")
 
     fence_counts = [int(g) for g in args.geofences.split(",")]
+    rule_counts = [int(r) for r in args.rules.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="fleetstream-bench-"))
     broker = EmbeddedBroker(log_path=workdir / "tansu.log").start()
     print(f"broker {broker.url}; {args.partitions} partitions; {args.runs} runs; work dir {workdir}")
     results: dict[tuple[int, str], list[tuple[float, float]]] = {}
     try:
         fence_topics = {g: publish_fences(broker.url, g) for g in fence_counts if g}
+        rule_topics = {r: publish_rules(broker.url, r) for r in rule_counts if r}
         for mode in (int(m) for m in args.modes.split(",")):
             n = min(args.fixes, args.single_fix_limit) if mode == 1 else args.fixes
             topic = f"bench.positions.x{mode}"
@@ -236,15 +245,18 @@ def main() -> None:
             for run in range(args.runs):
                 runs = [(name, 0) for name in pipelines if name != "worker"]
                 if "worker" in pipelines:
-                    runs = [("worker" if g == 0 else f"worker+{g}gf", g) for g in fence_counts] + runs
-                for name, fences in runs:
+                    variants = [(g, r) for g in fence_counts for r in rule_counts]
+                    runs = [("worker" + (f"+{g}gf" if g else "") + (f"+{r}rules" if r else ""), (g, r))
+                            for g, r in variants] + runs
+                for name, (fences, rules) in ((n_, v if isinstance(v, tuple) else (v, 0)) for n_, v in runs):
                     tag = f"{name.replace('+', '')}{mode}r{run}"
                     out_topic = f"{topic}.{tag}.out"
                     asyncio.run(ensure_topics(base, [TopicSpec(out_topic, args.partitions)]))
                     if name.startswith("worker"):
                         wall, cpu = run_worker(broker.url, topic, n, args.partitions, workdir, tag,
                                                wrapper=args.worker_wrapper.split() or None,
-                                               geofences_topic=fence_topics.get(fences))
+                                               geofences_topic=fence_topics.get(fences),
+                                               **({"rules_topic": rule_topics[rules]} if rules else {}))
                     elif name == "aiokafka":
                         wall, cpu = asyncio.run(run_aiokafka(broker.bootstrap, topic, out_topic, n))
                     else:
@@ -276,6 +288,43 @@ def publish_fences(broker_url: str, count: int) -> str:
     asyncio.run(ensure_topics(settings, [TopicSpec(settings.geofences_topic, 1, compacted=True)]))
     asyncio.run(publish_geofences(settings, fences))
     return settings.geofences_topic
+
+
+def make_rules(count: int) -> dict:
+    """``count`` alert rules applying to the benchmark's vehicles, cycling through the kinds a fleet runs:
+    overspeed with a duration, position-field thresholds, maintenance by odometer, keep-out geofences,
+    telemetry thresholds (not visited by fixes), and one offline rule (which updates every device's state)."""
+    rules: list[dict] = [{"id": "offline", "kind": "offline", "severity": "major", "after": "10m"}]
+    i = 0
+    while len(rules) < count:
+        kind = i % 5
+        rid = f"r{i}"
+        if kind == 0:
+            rules.append({"id": rid, "kind": "overspeed", "severity": "major", "limit_kmh": 100 + i % 40,
+                          "for": "30s"})
+        elif kind == 1:
+            rules.append({"id": rid, "kind": "threshold", "severity": "minor",
+                          "when": f"speed_kmh > {60 + i % 30} for 5m"})
+        elif kind == 2:
+            rules.append({"id": rid, "kind": "maintenance", "severity": "info", "every_km": 5000 + 100 * i})
+        elif kind == 3:
+            rules.append({"id": rid, "kind": "keep_out", "severity": "major", "geofences": [f"restricted-{i}"]})
+        else:
+            rules.append({"id": rid, "kind": "threshold", "severity": "warning",
+                          "when": f"temperature_c > {5 + i % 5} for 10m"})
+        i += 1
+    return {"groups": {"fleet": ["veh-*"]}, "rules": [{**r, "groups": ["fleet"]} for r in rules[:count]]}
+
+
+def publish_rules(broker_url: str, count: int) -> str:
+    """``count`` rules (see make_rules) on their own compacted rules topic; returns the topic."""
+    from fleetstream.domain.rules import parse_rules
+    from fleetstream.streaming.rules_feed import publish_rules as publish
+
+    settings = Settings.load(env={}, broker=broker_url, rules_topic=f"bench.rules.{count}")
+    asyncio.run(ensure_topics(settings, [TopicSpec(settings.rules_topic, 1, compacted=True)]))
+    asyncio.run(publish(settings, parse_rules(make_rules(count))))
+    return settings.rules_topic
 
 
 def _in_subprocess_quix(bootstrap: str, topic: str, out_topic: str, n: int) -> tuple[float, float]:
