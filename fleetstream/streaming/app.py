@@ -27,9 +27,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from fleetstream.config import Settings
 from fleetstream.domain.alerts import AlertEngine
 from fleetstream.domain.models import DeviceState
+from fleetstream.domain.nearby import NearbyIndex
 from fleetstream.domain.signals import DeviceSignals
 from fleetstream.observability.metrics import Metrics
-from fleetstream.streaming.api import haversine_many, register_api
+from fleetstream.streaming.api import register_api
 from fleetstream.streaming.geofence_feed import GeofenceFeed
 from fleetstream.streaming.kafka import ssl_context
 from fleetstream.streaming.output import BatchProducer
@@ -176,6 +177,9 @@ class PositionWorker:
         # latest applied state of every device in this worker's active partitions, for the query API
         self.directory: dict[str, tuple[int, DeviceState]] = {}
         self._directory_stale = True
+        self.nearby_index = NearbyIndex(
+            resolution=min(8, settings.h3_resolution), cell_resolution=settings.h3_resolution
+        )
 
     async def ensure_started(self) -> None:
         """Start once, from the app's startup task or the first batch, whichever comes first."""
@@ -270,9 +274,12 @@ class PositionWorker:
         assert self.output is not None
         self._seq += 1
         seq = self._seq
+        nearby_index = self.nearby_index
         for device_id, entry in output.new_states.items():
             self._pending_states[device_id] = entry
             self._pending_seq[device_id] = seq
+            state = entry[1]
+            nearby_index.update(device_id, state.lat, state.lon, state.ts_ms, state.h3)
         for device_id, signal_entry in output.new_signals.items():
             self._pending_signals[device_id] = signal_entry
             self._pending_signal_seq[device_id] = seq
@@ -337,6 +344,9 @@ class PositionWorker:
         """Partitions moved: the directory is rebuilt from the store once recovery completes."""
         self.directory.clear()
         self._directory_stale = True
+        self.nearby_index = NearbyIndex(
+            resolution=min(8, self.settings.h3_resolution), cell_resolution=self.settings.h3_resolution
+        )
         self._deadlines.clear()
         self._deadlines_stale = True
 
@@ -356,6 +366,8 @@ class PositionWorker:
         directory.update(self.directory)  # states applied since the scan started are newer
         self.directory = directory
         self._directory_stale = False
+        for device_id, (_, state) in {**directory, **self._pending_states}.items():
+            self.nearby_index.update(device_id, state.lat, state.lon, state.ts_ms, state.h3)
 
     def _due_now(self) -> list[tuple[int, str]]:
         """(partition, device) pairs whose alert deadline has passed; rebuilt from the store after a rebalance."""
@@ -431,17 +443,15 @@ class PositionWorker:
         return [state for _, state in merged.values()]
 
     def nearby(self, lat: float, lon: float, radius_m: float, limit: int) -> list[tuple[DeviceState, float]]:
-        """Local devices within ``radius_m`` of a point, nearest first (exact haversine)."""
-        states = self.local_states()
-        if not states:
-            return []
-        lats = np.fromiter((s.lat for s in states), dtype=np.float64, count=len(states))
-        lons = np.fromiter((s.lon for s in states), dtype=np.float64, count=len(states))
-        distances = haversine_many(lat, lon, lats, lons)
-        inside = np.flatnonzero(distances <= radius_m)
-        order = inside[np.lexsort((np.array([states[i].device_id for i in inside], dtype=object),
-                                   distances[inside]))][:limit] if len(inside) else inside
-        return [(states[i], float(distances[i])) for i in order]
+        """Local devices within ``radius_m`` of a point, nearest first, ties by id (exact haversine over the
+        candidates of an H3 grid disk; see domain/nearby.py)."""
+        self._ensure_directory()
+        out = []
+        for device_id, distance in self.nearby_index.nearby(lat, lon, radius_m, limit):
+            state = self.device_state(device_id)
+            if state is not None:
+                out.append((state, distance))
+        return out
 
     def refresh_gauges(self) -> None:
         """Gauges read at scrape time: assigned partitions and consumer lag (highwater minus next offset).
