@@ -9,10 +9,12 @@ when the worker's timer reaches it, or from the device's next input if that come
 every deadline up to its own time). Either way the alert carries the deadline as its time, so output does not
 depend on when timers happen to run.
 
-Speed. Per fix the engine visits only the rules that read positions (telemetry-only and geofence rules are
-skipped; geofence rules run on geofence events), per device rule lists are cached, comparisons are precompiled
-operator functions, and a rule whose condition is false and that has nothing pending keeps no state: with no
-offline rule and nothing active, a device's state stays ``None``.
+Speed. Rules are indexed by the input they read (a fix never visits a telemetry-only rule; geofence rules run
+only when the device's geofences change), per-device rule lists are cached, comparisons are precompiled
+operator functions, and a rule whose condition is false and that has nothing pending keeps no state (with no
+offline rule and nothing active, a device's state stays ``None``). Each device's state also carries, per position
+field, the interval of values for which none of its rules would do anything (each rule's ``quiet`` interval for
+its current state, intersected): a typical fix costs one comparison per field and calls no rule at all.
 
 State. :class:`DeviceAlertState` is immutable (a new one is returned when anything changed, the same object
 otherwise) and serialises to plain dicts and lists (``to_json`` / ``from_json``), so the worker can keep it in
@@ -106,7 +108,7 @@ class CondState(NamedTuple):
     raised_ms: int | None
     off_since: int | None  # while raised: start of the current run of the clear condition
     peak: float  # most extreme sample of the run (only it is kept, so samples inside the run change nothing)
-    limit: float  # threshold in force at the latest sample
+    limit: float | None  # threshold in force at the latest sample (overspeed: None where no limit applies)
     where: str | None = None  # overspeed: the geofence whose speed limit applied
 
 
@@ -348,10 +350,10 @@ class _Condition(_Machine):
             if not on:
                 return None
             if self.for_ms == 0:
-                rs = CondState(t, t, None, v, limit, where)
+                rs = _new_state(CondState, (t, t, None, v, limit, where))
                 self._raise(subject, t, self._raise_details(rs), out)
                 return rs
-            return CondState(t, None, None, v, limit, where)
+            return _new_state(CondState, (t, None, None, v, limit, where))
         t = max(t, rs.on_since, rs.raised_ms or 0, rs.off_since or 0)  # late samples never move alerts back
         if rs.raised_ms is None:
             if not on:
@@ -359,18 +361,18 @@ class _Condition(_Machine):
             peak = self.peak(rs.peak, v)
             if peak == rs.peak and limit == rs.limit and where == rs.where:
                 return rs
-            return CondState(rs.on_since, None, None, peak, limit, where)
+            return _new_state(CondState, (rs.on_since, None, None, peak, limit, where))
         if clearing:
             if self.clear_for_ms == 0:
                 self._clear(subject, rs.raised_ms, t, self._clear_details(rs, v, t), out)
                 return None
             if rs.off_since is not None:
                 return rs
-            return CondState(rs.on_since, rs.raised_ms, t, rs.peak, limit, where)
+            return _new_state(CondState, (rs.on_since, rs.raised_ms, t, rs.peak, limit, where))
         peak = self.peak(rs.peak, v)
         if rs.off_since is None and peak == rs.peak and limit == rs.limit and where == rs.where:
             return rs
-        return CondState(rs.on_since, rs.raised_ms, None, peak, limit, where)
+        return _new_state(CondState, (rs.on_since, rs.raised_ms, None, peak, limit, where))
 
     def _raise_details(self, rs: CondState) -> dict[str, Any]:
         raise NotImplementedError
@@ -489,11 +491,7 @@ class _Overspeed(_Condition):
             return rs
         fence_speed = fence_speed_limit(self.fence_limit, geofences) if geofences and self.fence_limit else None
         limit, where = fence_speed if fence_speed is not None else (self.global_limit, None)
-        if limit is None:
-            on = False
-            limit = math.inf
-        else:
-            on = speed > limit + self.tolerance
+        on = limit is not None and speed > limit + self.tolerance
         if rs is None and not on:
             return None
         return self._step(rs, ts, speed, on, not on, limit, where, subject, out)
@@ -736,8 +734,8 @@ class _Geofence(_Machine):
 
     def _make(self, members: tuple[str, ...], known: bool, raised: int | None, t: int, trigger: str | None
               ) -> GeoState | None:
-        if raised is None and not members and not known:
-            return None
+        if raised is None and not members and (self.inside_violates or not known):
+            return None  # (only keep_inside needs to remember that the device has been inside)
         return GeoState(members, known, raised, t, trigger)
 
     def _judge(self, members: Iterable[str], known: bool, raised: int | None, trigger: str | None, t: int,
@@ -910,7 +908,9 @@ class _Predictive(_Machine):
             kept.append((index, 1, u, v, u * u, u * v))
         now = t if rs is None else max(t, rs.last_ts)
         raised = rs.raised_ms if rs is not None else None
-        result = self.forecast(kept, now)
+        # the fit is evaluated when a sample opens a new bucket: at most once per window/buckets, which bounds
+        # its cost (the line hardly moves within one bucket)
+        result = self.forecast(kept, now) if not buckets or index > buckets[-1][0] else None
         if result is not None:
             crossing, details = result
             if raised is None and crossing is not None and crossing - now <= self.horizon_ms:
@@ -946,8 +946,8 @@ def _compile(rule: Rule, fence_limit: Callable[[str], float | None] | None) -> _
 class _Plan:
     """The compiled rules of one device, indexed by the input they read (shared by devices with the same rules)."""
 
-    __slots__ = ("base_watches", "by_metric", "empty", "fence_limit", "fences", "fields", "geo", "machines",
-                 "min_offline_ms", "needs_motion", "offline")
+    __slots__ = ("base_watches", "by_metric", "by_names", "empty", "fence_limit", "fences", "field_of", "fields", "geo",
+                 "machines", "min_offline_ms", "needs_motion", "offline", "position_in_field")
 
     def __init__(self, machines: Sequence[_Machine], fence_limit: Callable[[str], float | None] | None):
         self.machines = {m.rid: m for m in machines}
@@ -956,6 +956,8 @@ class _Plan:
             if m.reads_positions and m.field is not None:
                 fields.setdefault(m.field, []).append(m)
         self.fields = tuple((name, tuple(ms)) for name, ms in fields.items())
+        self.field_of = {m: index for index, (_, ms) in enumerate(self.fields) for m in ms}
+        self.position_in_field = {m: j for _, ms in self.fields for j, m in enumerate(ms)}
         # set when some rule here uses geofence speed limits: fixes inside geofences then look the limit up
         uses_fence_limits = any(isinstance(m, _Overspeed) and m.fence_limit is not None for m in machines)
         self.fence_limit = fence_limit if uses_fence_limits else None
@@ -964,6 +966,7 @@ class _Plan:
             for metric in dict.fromkeys(m.metrics):
                 by_metric.setdefault(metric, []).append((order, m))
         self.by_metric = {metric: tuple(ms) for metric, ms in by_metric.items()}
+        self.by_names: dict[tuple[str, ...], tuple[_Machine, ...]] = {}  # message metric names -> rules to run
         self.geo = tuple(m for m in machines if isinstance(m, _Geofence))
         fences: dict[str, list[_Geofence]] = {}
         for m in self.geo:
@@ -976,6 +979,16 @@ class _Plan:
         self.empty = not machines
         self.base_watches: dict[SpeedLimit | None, Watch] = {}  # for devices with no state, per speed limit
 
+    def machines_reading(self, names: tuple[str, ...]) -> tuple[_Machine, ...]:
+        """The rules a telemetry message with these metrics runs, once each, in file order (cached: a device
+        type sends the same set of metric names again and again)."""
+        hits = {hit for name in names for hit in self.by_metric.get(name, ())}
+        found = tuple(m for _, m in sorted(hits, key=lambda hit: hit[0]))
+        if len(self.by_names) > 1000:
+            self.by_names.clear()
+        self.by_names[names] = found
+        return found
+
     def base_watch(self, fence_speed: SpeedLimit | None) -> Watch:
         watch = self.base_watches.get(fence_speed)
         if watch is None:
@@ -985,27 +998,45 @@ class _Plan:
         return watch
 
 
-# (geofence speed limit it holds for, ((field, lo, hi, machines reading the field), ...))
-Watch = tuple[SpeedLimit | None, tuple[tuple[str, float, float, tuple[_Machine, ...]], ...]]
+# Per position field: (field, lo, hi, rules reading it, their own lows, their own highs, index). Values in
+# [lo, hi] change nothing for any of the rules; outside it, only the rules whose own interval misses the value run.
+WatchEntry = tuple[str, float, float, tuple[_Machine, ...], tuple[float, ...], tuple[float, ...], int]
+# (geofences of the fix it was made at, or None; the geofence speed limit it holds for; entries; its plan)
+Watch = tuple[tuple[str, ...] | None, SpeedLimit | None, tuple[WatchEntry, ...], _Plan]
 
 
-def _watch(plan: _Plan, rules: Mapping[str, Any] | None, fence_speed: SpeedLimit | None) -> Watch:
-    """Per position field: the closed interval of values for which none of the device's rules reading it would
-    do anything (the intersection of their ``quiet`` intervals for their current states)."""
-    out = []
-    for name, machines in plan.fields:
-        lo, hi = -_INF, _INF
+def _watch(plan: _Plan, rules: Mapping[str, Any] | None, fence_speed: SpeedLimit | None,
+           geofences: tuple[str, ...] | None = None) -> Watch:
+    """Per position field, the values for which none of the device's rules reading it would do anything (the
+    intersection of their ``quiet`` intervals for their current states). With ``geofences``: the geofence
+    rules have seen that set (a next fix with the same set and no events skips them)."""
+    entries = []
+    for index, (name, machines) in enumerate(plan.fields):
+        intervals = [m.quiet(rules.get(m.rid) if rules else None, fence_speed) for m in machines]
+        lows = tuple(a for a, _ in intervals)
+        highs = tuple(b for _, b in intervals)
+        entries.append((name, max(lows), min(highs), machines, lows, highs, index))
+    return geofences, fence_speed, tuple(entries), plan
+
+
+def _rewatch(watch: Watch, changed: Mapping[int, Sequence[_Machine]], rules: Mapping[str, Any] | None,
+             geofences: tuple[str, ...] | None) -> Watch:
+    """The watch after some rules' states changed: only their intervals are asked again."""
+    entries = list(watch[2])
+    fence_speed, plan = watch[1], watch[3]
+    position = plan.position_in_field
+    for index, machines in changed.items():
+        name, _, _, members, lows, highs, _ = entries[index]
+        new_lows, new_highs = list(lows), list(highs)
         for m in machines:
-            a, b = m.quiet(rules.get(m.rid) if rules else None, fence_speed)
-            if a > lo:
-                lo = a
-            if b < hi:
-                hi = b
-        out.append((name, lo, hi, machines))
-    return fence_speed, tuple(out)
+            j = position[m]
+            new_lows[j], new_highs[j] = m.quiet(rules.get(m.rid) if rules else None, fence_speed)
+        entries[index] = (name, max(new_lows), min(new_highs), members, tuple(new_lows), tuple(new_highs), index)
+    return geofences, fence_speed, tuple(entries), plan
 
 
 _KEEP: Any = object()  # "motion unchanged" (telemetry carries none)
+_UNKNOWN: Any = object()
 
 
 def _min(a: int | None, b: int | None) -> int | None:
@@ -1046,7 +1077,7 @@ class AlertEngine:
         if state is None:
             if plan.empty:
                 return None, alerts
-            rules = watch = None
+            rules = watch = rules_due = None
         else:
             if state.ruleset_key != self.key:
                 state = self._reconcile(state, device_id, plan, ts_ms, alerts)
@@ -1054,15 +1085,27 @@ class AlertEngine:
                 state = self._fire(state, device_id, plan, ts_ms, alerts)
             rules = state.rules
             watch = state.watch
-        fence_speed = fence_speed_limit(plan.fence_limit, geofences) if geofences and plan.fence_limit else None
-        if watch is None or watch[0] != fence_speed:  # decoded from JSON, or another geofence speed limit
-            watch = _watch(plan, rules, fence_speed) if rules else plan.base_watch(fence_speed)
+            rules_due = state.rules_due_ms
+        if watch is not None and watch[3] is plan and geofences == watch[0]:  # same geofences: nothing to look up
+            fence_speed = watch[1]
+            fences_known = True
+        else:
+            fence_speed = fence_speed_limit(plan.fence_limit, geofences) if geofences and plan.fence_limit else None
+            fences_known = False
+            if watch is None or watch[3] is not plan or watch[1] != fence_speed:  # decoded, new engine, new limit
+                watch = _watch(plan, rules, fence_speed) if rules else plan.base_watch(fence_speed)
+            watch = (geofences, fence_speed, watch[2], plan)
         new_rules = rules
-        for name, lo, hi, machines in watch[1]:
-            v = values.get(name)
+        changed: dict[int, list[_Machine]] | None = None  # watch entry -> rules whose state this fix changed
+        due_full = False  # the earliest deadline may have gone: scan them all
+        get = values.get
+        for name, lo, hi, members, lows, highs, index in watch[2]:
+            v = get(name)
             if v is None or lo <= v <= hi:
                 continue
-            for m in machines:
+            for m, m_lo, m_hi in zip(members, lows, highs, strict=True):
+                if m_lo <= v <= m_hi:
+                    continue
                 old = new_rules.get(m.rid) if new_rules else None
                 new = m.on_position(old, ts_ms, values, geofences, device_id, alerts)
                 if new is not old:
@@ -1072,8 +1115,20 @@ class AlertEngine:
                         del new_rules[m.rid]  # type: ignore[attr-defined]
                     else:
                         new_rules[m.rid] = new  # type: ignore[index]
-        if plan.fences and (geofence_events or geofences):
-            new_rules = self._geofences(plan, rules, new_rules, ts_ms, geofences, geofence_events, device_id, alerts)
+                    if changed is None:
+                        changed = {}
+                    changed.setdefault(index, []).append(m)
+                    old_due = m.deadline(old) if old is not None else None
+                    new_due = m.deadline(new) if new is not None else None
+                    if old_due != new_due:
+                        if old_due is not None and old_due == rules_due:
+                            due_full = True
+                        elif new_due is not None and (rules_due is None or new_due < rules_due):
+                            rules_due = new_due
+        if plan.fences and (geofence_events or (geofences and not fences_known)):
+            new_rules, fences_changed = self._geofences(plan, rules, new_rules, ts_ms, geofences, geofence_events,
+                                                        device_id, alerts)
+            due_full = due_full or fences_changed
         if new_rules is rules and state is not None and state.offline is None:
             # the common case, inlined: nothing changed but the time last seen (and motion)
             last_seen = state.last_seen_ms
@@ -1084,842 +1139,18 @@ class AlertEngine:
             else:
                 last_seen = offline_due = None
             motion = values.get("motion") if plan.needs_motion else None
+            if rules is None and last_seen is None and motion is None:
+                return None, alerts  # (a deadline just emptied it)
             if last_seen == state.last_seen_ms and motion == state.motion and watch is state.watch:
                 return state, alerts
-            rules_due = state.rules_due_ms
             due = offline_due if rules_due is None or (offline_due is not None and offline_due < rules_due) \
                 else rules_due
             return _new_state(DeviceAlertState, (self.key, last_seen, due, rules_due, rules, None, motion, watch)), \
                 alerts
-        if new_rules is not rules:
-            watch = _watch(plan, new_rules, fence_speed) if new_rules else plan.base_watch(fence_speed)
+        if changed is not None:
+            watch = _rewatch(watch, changed, new_rules, geofences)
         return self._finish(state, plan, rules, new_rules, ts_ms, values.get("motion"), device_id, alerts,
-                            watch), alerts
-
-    def on_telemetry(self, rs: Any, ts: int, metrics: Mapping[str, float], motion: str | None, subject: str,
-                     out: Out) -> Any:
-        return rs
-
-    def quiet(self, rs: Any, fence_speed: SpeedLimit | None) -> tuple[float, float]:
-        """The closed interval of ``field`` values for which ``on_position`` would change nothing and raise
-        nothing, given this state and the geofence speed limit in force. The engine skips the call for such
-        fixes (so this must never claim more than ``on_position`` does)."""
-        return _NEVER
-
-    def adopt(self, rs: Any) -> Any:
-        """A state kept across a rule change (same id and kind): adjust it to the new definition."""
-        return rs
-
-    def _raise(self, subject: str, t: int, details: dict[str, Any], out: Out) -> None:
-        details["kind"] = self.kind
-        out.append(Alert(make_alert_id(self.rid, subject, t), self.rid, self.severity, _RAISED, subject, t,
-                         details))
-
-    def _clear(self, subject: str, raised_ms: int, t: int, details: dict[str, Any], out: Out) -> None:
-        details["kind"] = self.kind
-        out.append(Alert(make_alert_id(self.rid, subject, raised_ms), self.rid, self.severity, _CLEARED, subject,
-                         max(t, raised_ms), details))
-
-
-SpeedLimit = tuple[float, str]  # (limit_kmh, geofence id) from the geofences containing a fix
-
-
-def fence_speed_limit(fence_limit: Callable[[str], float | None], geofences: Iterable[str]) -> SpeedLimit | None:
-    """The lowest ``speed_limit_kmh`` among the geofences (first one on ties), or None if none has one."""
-    best: SpeedLimit | None = None
-    for fence_id in geofences:
-        limit = fence_limit(fence_id)
-        if limit is not None and (best is None or limit < best[0]):
-            best = (limit, fence_id)
-    return best
-
-
-_INF = math.inf
-_NEVER = (_INF, -_INF)  # empty interval: always call
-_ALWAYS = (-_INF, _INF)
-
-
-def _reads(m: _Machine, name: str) -> None:
-    """Index a machine under the input that carries ``name``."""
-    if name in POSITION_FIELDS:
-        m.reads_positions = True
-        m.field = name
-    else:
-        m.reads_telemetry = True
-        m.metrics = (*m.metrics, name)
-
-
-def _below(x: float) -> float:
-    return math.nextafter(x, -_INF)
-
-
-def _above(x: float) -> float:
-    return math.nextafter(x, _INF)
-
-
-def _peak_fn(op: str) -> Callable[[float, float], float]:
-    if op in (">", ">="):
-        return max
-    if op in ("<", "<="):
-        return min
-    return lambda old, new: old
-
-
-class _Condition(_Machine):
-    """The raise-after-duration / clear-after-duration machine shared by threshold and overspeed."""
-
-    __slots__ = ("clear_for_ms", "for_ms", "peak")
-
-    def deadline(self, rs: CondState) -> int | None:
-        if rs.raised_ms is None:
-            return rs.on_since + self.for_ms
-        if rs.off_since is not None:
-            return rs.off_since + self.clear_for_ms
-        return None
-
-    def advance(self, rs: CondState, t: int, subject: str, out: Out) -> CondState | None:
-        if rs.raised_ms is None:
-            self._raise(subject, t, self._raise_details(rs), out)
-            return rs._replace(raised_ms=t)
-        self._clear(subject, rs.raised_ms, t, self._clear_details(rs, None, t), out)
-        return None
-
-    def _step(self, rs: CondState | None, t: int, v: float, on: bool, clearing: bool, limit: float,
-              where: str | None, subject: str, out: Out) -> CondState | None:
-        if rs is None:
-            if not on:
-                return None
-            if self.for_ms == 0:
-                rs = CondState(t, t, None, v, limit, where)
-                self._raise(subject, t, self._raise_details(rs), out)
-                return rs
-            return CondState(t, None, None, v, limit, where)
-        t = max(t, rs.on_since, rs.raised_ms or 0, rs.off_since or 0)  # late samples never move alerts back
-        if rs.raised_ms is None:
-            if not on:
-                return None
-            peak = self.peak(rs.peak, v)
-            if peak == rs.peak and limit == rs.limit and where == rs.where:
-                return rs
-            return CondState(rs.on_since, None, None, peak, limit, where)
-        if clearing:
-            if self.clear_for_ms == 0:
-                self._clear(subject, rs.raised_ms, t, self._clear_details(rs, v, t), out)
-                return None
-            if rs.off_since is not None:
-                return rs
-            return CondState(rs.on_since, rs.raised_ms, t, rs.peak, limit, where)
-        peak = self.peak(rs.peak, v)
-        if rs.off_since is None and peak == rs.peak and limit == rs.limit and where == rs.where:
-            return rs
-        return CondState(rs.on_since, rs.raised_ms, None, peak, limit, where)
-
-    def _raise_details(self, rs: CondState) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _clear_details(self, rs: CondState, v: float | None, t: int) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-class _Threshold(_Condition):
-    __slots__ = ("clearing", "iv_clearing", "iv_false", "iv_not_clearing", "iv_true", "limit", "metric", "op",
-                 "op_text")
-
-    def __init__(self, rule: ThresholdRule):
-        super().__init__(rule)
-        self.metric = rule.metric
-        self.op_text = rule.op
-        self.op = op = OPERATORS[rule.op]
-        self.limit = limit = rule.value
-        self.for_ms = rule.for_ms
-        self.clear_for_ms = rule.clear_for_ms
-        self.peak = _peak_fn(rule.op)
-        if rule.clear_below is not None:
-            self.clearing: Callable[[float], bool] = (rule.clear_below).__gt__  # v < clear_below
-        elif rule.clear_above is not None:
-            self.clearing = (rule.clear_above).__lt__  # v > clear_above
-        else:
-            self.clearing = lambda v: not op(v, limit)
-        _reads(self, rule.metric)
-        # value intervals (closed) where the condition is false / true, and the clear condition holds / does not
-        iv_false, iv_true = {
-            ">": ((-_INF, limit), (_above(limit), _INF)), ">=": ((-_INF, _below(limit)), (limit, _INF)),
-            "<": ((limit, _INF), (-_INF, _below(limit))), "<=": ((_above(limit), _INF), (-_INF, limit)),
-        }.get(rule.op, (_NEVER, _NEVER))
-        self.iv_false, self.iv_true = iv_false, iv_true
-        if rule.clear_below is not None:
-            self.iv_clearing, self.iv_not_clearing = (-_INF, _below(rule.clear_below)), (rule.clear_below, _INF)
-        elif rule.clear_above is not None:
-            self.iv_clearing, self.iv_not_clearing = (_above(rule.clear_above), _INF), (-_INF, rule.clear_above)
-        else:
-            self.iv_clearing, self.iv_not_clearing = iv_false, iv_true
-
-    def quiet(self, rs: CondState | None, fence_speed: SpeedLimit | None) -> tuple[float, float]:
-        if rs is None:
-            return self.iv_false
-        if rs.raised_ms is not None and rs.off_since is not None:
-            return self.iv_clearing  # a pending clear stays pending
-        lo, hi = self.iv_true if rs.raised_ms is None else self.iv_not_clearing
-        if self.peak is max:
-            return lo, min(hi, rs.peak)
-        if self.peak is min:
-            return max(lo, rs.peak), hi
-        return _NEVER
-
-    def on_position(self, rs: CondState | None, ts: int, values: Mapping[str, Any], geofences: tuple[str, ...],
-                    subject: str, out: Out) -> CondState | None:
-        v = values.get(self.metric)
-        if v is None:
-            return rs
-        on = self.op(v, self.limit)
-        if rs is None and not on:
-            return None
-        return self._step(rs, ts, v, on, self.clearing(v), self.limit, None, subject, out)
-
-    def on_telemetry(self, rs: CondState | None, ts: int, metrics: Mapping[str, float], motion: str | None,
-                     subject: str, out: Out) -> CondState | None:
-        v = metrics.get(self.metric)
-        if v is None:
-            return rs
-        on = self.op(v, self.limit)
-        if rs is None and not on:
-            return None
-        return self._step(rs, ts, v, on, self.clearing(v), self.limit, None, subject, out)
-
-    def _raise_details(self, rs: CondState) -> dict[str, Any]:
-        return {"metric": self.metric, "value": rs.peak, "op": self.op_text, "threshold": rs.limit,
-                "for_s": self.for_ms / 1000, "since_ts_ms": rs.on_since}
-
-    def _clear_details(self, rs: CondState, v: float | None, t: int) -> dict[str, Any]:
-        return {"metric": self.metric, "value": v, "peak": rs.peak, "duration_s": (t - rs.raised_ms) / 1000}
-
-
-class _Overspeed(_Condition):
-    __slots__ = ("fence_limit", "global_limit", "tolerance")
-
-    def __init__(self, rule: OverspeedRule, fence_limit: Callable[[str], float | None] | None):
-        super().__init__(rule)
-        self.reads_positions = True
-        self.global_limit = rule.limit_kmh
-        self.tolerance = rule.tolerance_kmh
-        self.fence_limit = fence_limit if rule.geofence_limits else None
-        self.for_ms = rule.for_ms
-        self.clear_for_ms = rule.clear_for_ms
-        self.peak = max
-        self.field = "speed_kmh"
-
-    def quiet(self, rs: CondState | None, fence_speed: SpeedLimit | None) -> tuple[float, float]:
-        if fence_speed is not None and self.fence_limit is not None:
-            limit, where = fence_speed
-        else:
-            limit, where = self.global_limit, None
-        if limit is None:
-            return _ALWAYS if rs is None else _NEVER
-        over = limit + self.tolerance
-        if rs is None:
-            return -_INF, over
-        if rs.where != where or rs.limit != limit:
-            return _NEVER
-        if rs.raised_ms is not None and rs.off_since is not None:
-            return -_INF, over
-        return _above(over), rs.peak
-
-    def on_position(self, rs: CondState | None, ts: int, values: Mapping[str, Any], geofences: tuple[str, ...],
-                    subject: str, out: Out) -> CondState | None:
-        speed = values.get("speed_kmh")
-        if speed is None:
-            return rs
-        fence_speed = fence_speed_limit(self.fence_limit, geofences) if geofences and self.fence_limit else None
-        limit, where = fence_speed if fence_speed is not None else (self.global_limit, None)
-        if limit is None:
-            on = False
-            limit = math.inf
-        else:
-            on = speed > limit + self.tolerance
-        if rs is None and not on:
-            return None
-        return self._step(rs, ts, speed, on, not on, limit, where, subject, out)
-
-    def _raise_details(self, rs: CondState) -> dict[str, Any]:
-        details = {"speed_kmh": rs.peak, "limit_kmh": rs.limit, "tolerance_kmh": self.tolerance,
-                   "for_s": self.for_ms / 1000, "since_ts_ms": rs.on_since}
-        if rs.where is not None:
-            details["geofence_id"] = rs.where
-        return details
-
-    def _clear_details(self, rs: CondState, v: float | None, t: int) -> dict[str, Any]:
-        return {"speed_kmh": v, "max_speed_kmh": rs.peak, "duration_s": (t - rs.raised_ms) / 1000}
-
-
-class _Idle(_Machine):
-    __slots__ = ("engine_metric", "engine_min", "for_ms", "ignition_metric", "max_speed")
-
-    def __init__(self, rule: IdleRule):
-        super().__init__(rule)
-        self.reads_positions = self.reads_telemetry = True  # speed from fixes, ignition/rpm from telemetry
-        self.field = "speed_kmh"
-        self.metrics = (rule.ignition_metric, rule.engine_metric)
-        self.for_ms = rule.for_ms
-        self.max_speed = rule.max_speed_kmh
-        self.ignition_metric = rule.ignition_metric
-        self.engine_metric = rule.engine_metric
-        self.engine_min = rule.engine_min
-
-    def quiet(self, rs: IdleState | None, fence_speed: SpeedLimit | None) -> tuple[float, float]:
-        if rs is not None and rs.stationary:
-            return -_INF, self.max_speed
-        return _above(self.max_speed), _INF
-
-    def deadline(self, rs: IdleState) -> int | None:
-        return rs.on_since + self.for_ms if rs.on_since is not None and rs.raised_ms is None else None
-
-    def advance(self, rs: IdleState, t: int, subject: str, out: Out) -> IdleState:
-        self._raise(subject, t, {"for_s": self.for_ms / 1000, "since_ts_ms": rs.on_since,
-                                 "ignition": rs.ignition, "engine_running": rs.engine}, out)
-        return rs._replace(raised_ms=t)
-
-    def on_position(self, rs: IdleState | None, ts: int, values: Mapping[str, Any], geofences: tuple[str, ...],
-                    subject: str, out: Out) -> IdleState | None:
-        speed = values.get("speed_kmh")
-        if speed is None:
-            return rs
-        stationary = speed <= self.max_speed
-        if rs is None:
-            return self._update(None, ts, True, False, False, subject, out) if stationary else None
-        if stationary == rs.stationary:
-            return rs
-        return self._update(rs, ts, stationary, rs.ignition, rs.engine, subject, out)
-
-    def on_telemetry(self, rs: IdleState | None, ts: int, metrics: Mapping[str, float], motion: str | None,
-                     subject: str, out: Out) -> IdleState | None:
-        ignition_value = metrics.get(self.ignition_metric)
-        engine_value = metrics.get(self.engine_metric)
-        if ignition_value is None and engine_value is None:
-            return rs
-        ignition = bool(ignition_value) if ignition_value is not None else (rs is not None and rs.ignition)
-        engine = engine_value > self.engine_min if engine_value is not None else (rs is not None and rs.engine)
-        if rs is None:
-            return self._update(None, ts, False, ignition, engine, subject, out) if ignition or engine else None
-        if ignition == rs.ignition and engine == rs.engine:
-            return rs
-        return self._update(rs, ts, rs.stationary, ignition, engine, subject, out)
-
-    def _update(self, rs: IdleState | None, t: int, stationary: bool, ignition: bool, engine: bool, subject: str,
-                out: Out) -> IdleState | None:
-        on_since = raised = None
-        if rs is not None:
-            on_since, raised = rs.on_since, rs.raised_ms
-            t = max(t, on_since or 0, raised or 0)
-        if stationary and (ignition or engine):
-            if on_since is None:
-                on_since = t
-        else:
-            if raised is not None:
-                self._clear(subject, raised, t, {"idle_s": (t - on_since) / 1000,  # type: ignore[operator]
-                                                 "reason": "moving" if not stationary else "engine_off"}, out)
-            on_since = raised = None
-        if not (stationary or ignition or engine):
-            return None
-        return IdleState(stationary, ignition, engine, on_since, raised)
-
-
-class _Rate(_Machine):
-    __slots__ = ("by", "drops", "inclusive", "metric", "while_motion", "within_ms")
-
-    def __init__(self, rule: RateRule):
-        super().__init__(rule)
-        self.metric = rule.metric
-        self.drops = rule.direction == "drops"
-        self.by = rule.by
-        self.inclusive = rule.inclusive
-        self.within_ms = rule.within_ms
-        self.while_motion = rule.while_motion
-        _reads(self, rule.metric)
-
-    def deadline(self, rs: RateState) -> int | None:
-        if rs.raised_ms is None or len(rs.samples) < 2:
-            return None
-        return rs.samples[0][0] + self.within_ms + 1  # the front sample leaves the window
-
-    def advance(self, rs: RateState, t: int, subject: str, out: Out) -> RateState:
-        low = t - self.within_ms
-        samples = (*(s for s in rs.samples[:-1] if s[0] >= low), rs.samples[-1])
-        if self._hit(samples):
-            return RateState(samples, rs.raised_ms)
-        self._clear(subject, rs.raised_ms, t, {"metric": self.metric, "value": samples[-1][1],  # type: ignore[arg-type]
-                                               "reason": "window_passed"}, out)
-        return RateState(samples, None)
-
-    def on_position(self, rs: RateState | None, ts: int, values: Mapping[str, Any], geofences: tuple[str, ...],
-                    subject: str, out: Out) -> RateState | None:
-        v = values.get(self.metric)
-        if v is None:
-            return rs
-        return self._sample(rs, ts, v, values.get("motion"), subject, out)
-
-    def on_telemetry(self, rs: RateState | None, ts: int, metrics: Mapping[str, float], motion: str | None,
-                     subject: str, out: Out) -> RateState | None:
-        v = metrics.get(self.metric)
-        if v is None:
-            return rs
-        return self._sample(rs, ts, v, motion, subject, out)
-
-    def _hit(self, samples: Sequence[tuple[int, float]]) -> bool:
-        change = samples[0][1] - samples[-1][1] if self.drops else samples[-1][1] - samples[0][1]
-        return change > self.by or (self.inclusive and change == self.by)
-
-    def _sample(self, rs: RateState | None, t: int, v: float, motion: str | None, subject: str,
-                out: Out) -> RateState | None:
-        if self.while_motion is not None and motion != self.while_motion:
-            if rs is not None and rs.raised_ms is not None:
-                self._clear(subject, rs.raised_ms, t, {"metric": self.metric, "value": v,
-                                                       "reason": f"not {self.while_motion}"}, out)
-            return None
-        samples = rs.samples if rs is not None else ()
-        if samples and t <= samples[-1][0]:
-            return rs  # not newer than the latest sample: ignored
-        low = t - self.within_ms
-        kept = [s for s in samples if s[0] >= low]
-        if self.drops:
-            while kept and kept[-1][1] <= v:
-                kept.pop()
-        else:
-            while kept and kept[-1][1] >= v:
-                kept.pop()
-        kept.append((t, v))
-        if len(kept) > MAX_RATE_SAMPLES:
-            del kept[0]
-        raised = rs.raised_ms if rs is not None else None
-        hit = self._hit(kept)
-        if hit and raised is None:
-            from_ts, from_v = kept[0]
-            self._raise(subject, t, {"metric": self.metric, "direction": "drops" if self.drops else "rises",
-                                     "from_value": from_v, "from_ts_ms": from_ts, "value": v,
-                                     "change": abs(v - from_v), "by": self.by, "within_s": self.within_ms / 1000,
-                                     "while": self.while_motion}, out)
-            raised = t
-        elif not hit and raised is not None:
-            self._clear(subject, raised, t, {"metric": self.metric, "value": v, "reason": "window_passed"}, out)
-            raised = None
-        return RateState(tuple(kept), raised)
-
-
-class _Geofence(_Machine):
-    __slots__ = ("fence_set", "fences", "inside_violates", "schedule", "schedule_allows")
-
-    def __init__(self, rule: GeofenceRule):
-        super().__init__(rule)
-        self.fences = rule.geofences
-        self.fence_set = frozenset(rule.geofences)
-        self.schedule = rule.schedule
-        self.inside_violates = rule.kind is not RuleKind.KEEP_INSIDE
-        self.schedule_allows = rule.kind is RuleKind.TIME_WINDOW  # the schedule lists allowed times
-
-    def _in_force(self, t: int) -> bool:
-        if self.schedule is None:
-            return True
-        return self.schedule.active_at(t) != self.schedule_allows
-
-    def _could_violate(self, members: Iterable[str], known: bool) -> bool:
-        return bool(members) if self.inside_violates else known and not members
-
-    def deadline(self, rs: GeoState) -> int | None:
-        if self.schedule is None or not (rs.raised_ms is not None or self._could_violate(rs.members, rs.known)):
-            return None
-        return self.schedule.next_change_ms(rs.t_ms)
-
-    def advance(self, rs: GeoState, t: int, subject: str, out: Out) -> GeoState | None:
-        raised, trigger = self._judge(rs.members, rs.known, rs.raised_ms, rs.trigger, t, None, "schedule", subject,
-                                      out)
-        return self._make(rs.members, rs.known, raised, t, trigger)
-
-    def adopt(self, rs: GeoState) -> GeoState | None:
-        members = tuple(f for f in rs.members if f in self.fence_set)
-        return rs if members == rs.members else self._make(members, rs.known, rs.raised_ms, rs.t_ms, rs.trigger)
-
-    def on_fences(self, rs: GeoState | None, events: Sequence[FenceEventLike], geofences: tuple[str, ...], ts: int,
-                  subject: str, out: Out) -> GeoState | None:
-        """Membership from this fix's enter/exit events, then any geofence the device is (confirmed) inside
-        without an event the engine saw (it was there before the engine knew: deployment, lost state)."""
-        if rs is None:
-            members: set[str] = set()
-            known, raised, trigger, t = False, None, None, None
-        else:
-            members, known, raised, trigger, t = set(rs.members), rs.known, rs.raised_ms, rs.trigger, rs.t_ms
-        changed = False
-        for event in events:
-            fence_id, kind = event.geofence_id, event.type
-            if kind == "enter":
-                if fence_id in members:
-                    continue
-                members.add(fence_id)
-                known, reason = True, "entered"
-            elif kind == "exit":
-                members.discard(fence_id)
-                if getattr(event, "reason", None) == "geofence_deleted":
-                    known, reason = known and bool(members), "geofence_deleted"
-                else:
-                    known, reason = True, "exited"
-            else:
-                continue
-            t = event.ts_ms if t is None or event.ts_ms > t else t  # alert times never go back
-            raised, trigger = self._judge(members, known, raised, trigger, t, fence_id, reason, subject, out)
-            changed = True
-        unseen = [f for f in geofences if f in self.fence_set and f not in members]
-        if unseen:
-            members.update(unseen)
-            known = True
-            t = ts if t is None or ts > t else t
-            raised, trigger = self._judge(members, known, raised, trigger, t, unseen[0], "inside", subject, out)
-            changed = True
-        if not changed:
-            return rs
-        return self._make(tuple(sorted(members)), known, raised, t, trigger)  # type: ignore[arg-type]
-
-    def _make(self, members: tuple[str, ...], known: bool, raised: int | None, t: int, trigger: str | None
-              ) -> GeoState | None:
-        if raised is None and not members and not known:
-            return None
-        return GeoState(members, known, raised, t, trigger)
-
-    def _judge(self, members: Iterable[str], known: bool, raised: int | None, trigger: str | None, t: int,
-               fence_id: str | None, reason: str, subject: str, out: Out) -> tuple[int | None, str | None]:
-        """Raise or clear at ``t`` as the membership and the schedule say; the alert's (raise time, geofence)."""
-        violating = self._could_violate(members, known) and self._in_force(t)
-        if violating and raised is None:
-            details: dict[str, Any] = {"geofence_id": fence_id, "geofences": list(self.fences), "reason": reason,
-                                       "inside": sorted(members)}
-            if self.schedule is not None:
-                details["allowed" if self.schedule_allows else "schedule"] = self.schedule.describe()
-            self._raise(subject, t, details, out)
-            return t, fence_id
-        if not violating and raised is not None:
-            self._clear(subject, raised, t, {"geofence_id": fence_id if fence_id is not None else trigger,
-                                             "reason": reason, "inside": sorted(members)}, out)
-            return None, None
-        return raised, trigger
-
-
-class _Offline(_Machine):
-    __slots__ = ("after_ms",)
-
-    def __init__(self, rule: OfflineRule):
-        super().__init__(rule)
-        self.after_ms = rule.after_ms
-
-
-class _Maintenance(_Machine):
-    __slots__ = ("every", "metric", "reset_metric")
-
-    def __init__(self, rule: MaintenanceRule):
-        super().__init__(rule)
-        _reads(self, rule.metric)
-        self.reads_telemetry = True  # the reset arrives as telemetry
-        self.metrics = (*self.metrics, rule.reset_metric)
-        self.metric = rule.metric
-        self.every = rule.every
-        self.reset_metric = rule.reset_metric
-
-    def quiet(self, rs: MaintState | None, fence_speed: SpeedLimit | None) -> tuple[float, float]:
-        if rs is None or rs.due_at is None:
-            return _NEVER
-        return _ALWAYS if rs.raised_ms is not None else (-_INF, _below(rs.due_at))
-
-    def on_position(self, rs: MaintState | None, ts: int, values: Mapping[str, Any], geofences: tuple[str, ...],
-                    subject: str, out: Out) -> MaintState | None:
-        v = values.get(self.metric)
-        if v is None:
-            return rs
-        if rs is not None and rs.due_at is not None and (rs.raised_ms is not None or v < rs.due_at):
-            return rs  # the per-fix path: nothing crossed
-        return self._reading(rs, ts, v, subject, out)
-
-    def on_telemetry(self, rs: MaintState | None, ts: int, metrics: Mapping[str, float], motion: str | None,
-                     subject: str, out: Out) -> MaintState | None:
-        v = metrics.get(self.metric)
-        if metrics.get(self.reset_metric):
-            if rs is not None and rs.raised_ms is not None:
-                self._clear(subject, rs.raised_ms, ts, {"metric": self.metric, "value": v, "reason": "reset"}, out)
-            return MaintState(None if v is None else v + self.every, None)
-        if v is None:
-            return rs
-        return self._reading(rs, ts, v, subject, out)
-
-    def _reading(self, rs: MaintState | None, t: int, v: float, subject: str, out: Out) -> MaintState | None:
-        if rs is None:  # first reading: service history unknown, so the next multiple of the interval is due
-            return MaintState((math.floor(v / self.every) + 1) * self.every, None)
-        if rs.due_at is None:  # first reading after a reset: counted from the service
-            return MaintState(v + self.every, None)
-        if rs.raised_ms is None and v >= rs.due_at:
-            self._raise(subject, t, {"metric": self.metric, "value": v, "due_at": rs.due_at,
-                                     "every": self.every}, out)
-            return MaintState(rs.due_at, t)
-        return rs
-
-
-def least_squares(buckets: Sequence[tuple[int, int, float, float, float, float]], bucket_ms: int
-                  ) -> tuple[int, float, float, int] | None:
-    """(n, intercept, slope per second, origin_ms) of the line through the bucketed samples, or None when the
-    samples do not determine a line (fewer than 2, or all at one time). Times are seconds from ``origin_ms``."""
-    origin = buckets[0][0]
-    n = 0
-    st = sv = stt = stv = 0.0
-    for index, count, su, s_v, suu, suv in buckets:
-        d = (index - origin) * bucket_ms / 1000.0
-        n += count
-        st += count * d + su
-        sv += s_v
-        stt += count * d * d + 2 * d * su + suu
-        stv += d * s_v + suv
-    if n < 2:
-        return None
-    sxx = stt - st * st / n
-    if sxx <= 1e-9 * max(stt, 1.0):
-        return None
-    slope = (stv - st * sv / n) / sxx
-    return n, (sv - slope * st) / n, slope, origin * bucket_ms
-
-
-class _Predictive(_Machine):
-    __slots__ = ("bucket_ms", "clear_horizon_ms", "falling", "horizon_ms", "metric", "min_samples", "nbuckets",
-                 "threshold")
-
-    def __init__(self, rule: PredictiveRule):
-        super().__init__(rule)
-        self.metric = rule.metric
-        self.falling = rule.op == "<"
-        self.threshold = rule.threshold
-        self.horizon_ms = rule.horizon_ms
-        self.clear_horizon_ms = rule.clear_horizon_ms
-        self.min_samples = rule.min_samples
-        self.nbuckets = rule.buckets
-        self.bucket_ms = max(1, rule.window_ms // rule.buckets)
-        _reads(self, rule.metric)
-
-    def on_position(self, rs: PredState | None, ts: int, values: Mapping[str, Any], geofences: tuple[str, ...],
-                    subject: str, out: Out) -> PredState | None:
-        v = values.get(self.metric)
-        return rs if v is None else self._sample(rs, ts, v, subject, out)
-
-    def on_telemetry(self, rs: PredState | None, ts: int, metrics: Mapping[str, float], motion: str | None,
-                     subject: str, out: Out) -> PredState | None:
-        v = metrics.get(self.metric)
-        return rs if v is None else self._sample(rs, ts, v, subject, out)
-
-    def forecast(self, buckets: Sequence[tuple[int, int, float, float, float, float]], now_ms: int
-                 ) -> tuple[int | None, dict[str, Any]] | None:
-        """(crossing time or None, details) from the fitted line, or None without enough samples. A fitted
-        value already past the threshold counts as crossing now."""
-        fit = least_squares(buckets, self.bucket_ms)
-        if fit is None or fit[0] < self.min_samples:
-            return None
-        n, intercept, slope, origin_ms = fit
-        fitted_now = intercept + slope * (now_ms - origin_ms) / 1000.0
-        crossing: int | None = None
-        if (fitted_now < self.threshold) if self.falling else (fitted_now > self.threshold):
-            crossing = now_ms
-        elif (slope < 0) if self.falling else (slope > 0):
-            crossing = max(now_ms, origin_ms + math.ceil((self.threshold - intercept) / slope * 1000.0))
-        details = {"metric": self.metric, "threshold": self.threshold, "op": "<" if self.falling else ">",
-                   "slope_per_h": slope * 3600.0, "fitted_value": fitted_now, "samples": n,
-                   "horizon_s": self.horizon_ms / 1000}
-        if crossing is not None:
-            details["forecast_ts_ms"] = crossing
-            details["forecast_in_s"] = (crossing - now_ms) / 1000
-        return crossing, details
-
-    def _sample(self, rs: PredState | None, t: int, v: float, subject: str, out: Out) -> PredState | None:
-        index = t // self.bucket_ms
-        buckets = rs.buckets if rs is not None else ()
-        newest = max(index, buckets[-1][0]) if buckets else index
-        oldest = newest - self.nbuckets + 1
-        if index < oldest:
-            return rs  # older than the window
-        u = (t - index * self.bucket_ms) / 1000.0
-        kept: list[tuple[int, int, float, float, float, float]] = []
-        placed = False
-        for bucket in buckets:
-            if bucket[0] < oldest:
-                continue
-            if bucket[0] == index:
-                bucket = (index, bucket[1] + 1, bucket[2] + u, bucket[3] + v, bucket[4] + u * u, bucket[5] + u * v)
-                placed = True
-            elif not placed and bucket[0] > index:
-                kept.append((index, 1, u, v, u * u, u * v))
-                placed = True
-            kept.append(bucket)
-        if not placed:
-            kept.append((index, 1, u, v, u * u, u * v))
-        now = t if rs is None else max(t, rs.last_ts)
-        raised = rs.raised_ms if rs is not None else None
-        result = self.forecast(kept, now)
-        if result is not None:
-            crossing, details = result
-            if raised is None and crossing is not None and crossing - now <= self.horizon_ms:
-                self._raise(subject, now, details, out)
-                raised = now
-            elif raised is not None and (crossing is None or crossing - now > self.clear_horizon_ms):
-                details["reason"] = "no_longer_forecast"
-                self._clear(subject, raised, now, details, out)
-                raised = None
-        return PredState(tuple(kept), raised, now)
-
-
-def _compile(rule: Rule, fence_limit: Callable[[str], float | None] | None) -> _Machine:
-    if isinstance(rule, ThresholdRule):
-        return _Threshold(rule)
-    if isinstance(rule, OverspeedRule):
-        return _Overspeed(rule, fence_limit)
-    if isinstance(rule, IdleRule):
-        return _Idle(rule)
-    if isinstance(rule, RateRule):
-        return _Rate(rule)
-    if isinstance(rule, GeofenceRule):
-        return _Geofence(rule)
-    if isinstance(rule, OfflineRule):
-        return _Offline(rule)
-    if isinstance(rule, MaintenanceRule):
-        return _Maintenance(rule)
-    if isinstance(rule, PredictiveRule):
-        return _Predictive(rule)
-    raise TypeError(f"no machine for rule {rule.id!r} of type {type(rule).__name__}")
-
-
-class _Plan:
-    """The compiled rules of one device, indexed by the input they read (shared by devices with the same rules)."""
-
-    __slots__ = ("base_watches", "by_metric", "empty", "fence_limit", "fences", "fields", "geo", "machines",
-                 "min_offline_ms", "needs_motion", "offline")
-
-    def __init__(self, machines: Sequence[_Machine], fence_limit: Callable[[str], float | None] | None):
-        self.machines = {m.rid: m for m in machines}
-        fields: dict[str, list[_Machine]] = {}
-        for m in machines:
-            if m.reads_positions and m.field is not None:
-                fields.setdefault(m.field, []).append(m)
-        self.fields = tuple((name, tuple(ms)) for name, ms in fields.items())
-        # set when some rule here uses geofence speed limits: fixes inside geofences then look the limit up
-        uses_fence_limits = any(isinstance(m, _Overspeed) and m.fence_limit is not None for m in machines)
-        self.fence_limit = fence_limit if uses_fence_limits else None
-        by_metric: dict[str, list[tuple[int, _Machine]]] = {}
-        for order, m in enumerate(machines):
-            for metric in dict.fromkeys(m.metrics):
-                by_metric.setdefault(metric, []).append((order, m))
-        self.by_metric = {metric: tuple(ms) for metric, ms in by_metric.items()}
-        self.geo = tuple(m for m in machines if isinstance(m, _Geofence))
-        fences: dict[str, list[_Geofence]] = {}
-        for m in self.geo:
-            for fence_id in m.fences:
-                fences.setdefault(fence_id, []).append(m)
-        self.fences = {fence_id: tuple(ms) for fence_id, ms in fences.items()}
-        self.offline = tuple(sorted((m for m in machines if isinstance(m, _Offline)), key=lambda m: m.after_ms))
-        self.min_offline_ms = self.offline[0].after_ms if self.offline else None
-        self.needs_motion = any(isinstance(m, _Rate) and m.while_motion and m.reads_telemetry for m in machines)
-        self.empty = not machines
-        self.base_watches: dict[SpeedLimit | None, Watch] = {}  # for devices with no state, per speed limit
-
-    def base_watch(self, fence_speed: SpeedLimit | None) -> Watch:
-        watch = self.base_watches.get(fence_speed)
-        if watch is None:
-            if len(self.base_watches) > 1000:
-                self.base_watches.clear()
-            watch = self.base_watches[fence_speed] = _watch(self, None, fence_speed)
-        return watch
-
-
-# (geofence speed limit it holds for, ((field, lo, hi, machines reading the field), ...))
-Watch = tuple[SpeedLimit | None, tuple[tuple[str, float, float, tuple[_Machine, ...]], ...]]
-
-
-def _watch(plan: _Plan, rules: Mapping[str, Any] | None, fence_speed: SpeedLimit | None) -> Watch:
-    """Per position field: the closed interval of values for which none of the device's rules reading it would
-    do anything (the intersection of their ``quiet`` intervals for their current states)."""
-    out = []
-    for name, machines in plan.fields:
-        lo, hi = -_INF, _INF
-        for m in machines:
-            a, b = m.quiet(rules.get(m.rid) if rules else None, fence_speed)
-            if a > lo:
-                lo = a
-            if b < hi:
-                hi = b
-        out.append((name, lo, hi, machines))
-    return fence_speed, tuple(out)
-
-
-_KEEP: Any = object()  # "motion unchanged" (telemetry carries none)
-
-
-def _min(a: int | None, b: int | None) -> int | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a if a < b else b
-
-
-class AlertEngine:
-    """Evaluates a RuleSet per device. Build one per RuleSet (rebuild and swap when rules change); states
-    built against another RuleSet are reconciled on their device's next call: alerts of rules that are gone or
-    no longer apply are cleared (``details.reason: rule_removed``)."""
-
-    MAX_CACHED_DEVICES = 1_000_000
-
-    def __init__(self, ruleset: RuleSet,
-                 geofence_speed_limit: Callable[[str], float | None] | Mapping[str, float] | None = None):
-        self.ruleset = ruleset
-        self.key = ruleset.key
-        fence_limit = geofence_speed_limit.get if isinstance(geofence_speed_limit, Mapping) else geofence_speed_limit
-        self._fence_limit = fence_limit
-        self._machines = {rule.id: _compile(rule, fence_limit) for rule in ruleset}
-        self._plans: dict[str, _Plan] = {}
-        self._plans_by_rules: dict[tuple[Rule, ...], _Plan] = {}
-
-    # --- inputs ---------------------------------------------------------------------------------------------
-
-    def on_position(self, state: DeviceAlertState | None, device_id: str, ts_ms: int, values: Mapping[str, Any],
-                    geofences: tuple[str, ...] = (), geofence_events: Sequence[FenceEventLike] = ()
-                    ) -> tuple[DeviceAlertState | None, list[Alert]]:
-        """One accepted fix. ``values``: lat, lon, speed_kmh, heading_deg, odometer_m, motion, accuracy_m ... (the
-        enriched record works as is). ``geofences``: the geofences the device is confirmed inside after this
-        fix; ``geofence_events``: this fix's enter/exit events (``transitions.GeofenceEvent``)."""
-        plan = self._plans.get(device_id) or self._plan(device_id)
-        alerts: list[Alert] = []
-        if state is None:
-            if plan.empty:
-                return None, alerts
-            rules = None
-            watch = plan.base_watch
-        else:
-            if state.ruleset_key != self.key:
-                state = self._reconcile(state, device_id, plan, ts_ms, alerts)
-            if state.due_ms is not None and state.due_ms <= ts_ms:
-                state = self._fire(state, device_id, plan, ts_ms, alerts)
-            rules = state.rules
-            watch = state.watch
-            if watch is None:  # decoded from JSON
-                watch = _watch(plan, rules)
-                state = state._replace(watch=watch)
-        new_rules = rules
-        fence_speed = plan.fence_speed and geofences
-        for name, lo, hi, machines in watch:
-            v = values.get(name)
-            # (speed against geofence speed limits has no precomputed interval)
-            if (v is None or lo <= v <= hi) and not (fence_speed and name == "speed_kmh"):
-                continue
-            for m in machines:
-                old = new_rules.get(m.rid) if new_rules else None
-                new = m.on_position(old, ts_ms, values, geofences, device_id, alerts)
-                if new is not old:
-                    if new_rules is rules:
-                        new_rules = dict(rules) if rules else {}
-                    if new is None:
-                        del new_rules[m.rid]  # type: ignore[attr-defined]
-                    else:
-                        new_rules[m.rid] = new  # type: ignore[index]
-        if plan.fences and (geofence_events or geofences):
-            new_rules = self._geofences(plan, rules, new_rules, ts_ms, geofences, geofence_events, device_id, alerts)
-        return self._finish(state, plan, rules, new_rules, ts_ms, values.get("motion"), device_id, alerts), alerts
+                            watch, _UNKNOWN if due_full else rules_due), alerts
 
     def on_telemetry(self, state: DeviceAlertState | None, device_id: str, ts_ms: int, metrics: Mapping[str, float]
                      ) -> tuple[DeviceAlertState | None, list[Alert]]:
@@ -1938,17 +1169,15 @@ class AlertEngine:
                 state = self._fire(state, device_id, plan, ts_ms, alerts)
             rules = state.rules
             motion = state.motion
-        by_metric = plan.by_metric
-        hits: tuple[tuple[int, _Machine], ...] | None = None
-        for name in metrics:
-            found = by_metric.get(name)
-            if found:
-                hits = found if hits is None else hits + found
+        names = tuple(metrics)
+        hits = plan.by_names.get(names)
+        if hits is None:
+            hits = plan.machines_reading(names)
         new_rules = rules
-        if hits is not None:
-            if len(hits) > 1:  # a rule reading two metrics of the message runs once; rules in file order
-                hits = tuple(sorted(dict.fromkeys(hits), key=lambda hit: hit[0]))
-            for _, m in hits:
+        watch_changed: dict[int, list[_Machine]] | None = None  # rules that also read positions and changed
+        due_stale = False  # a changed state had or has a deadline
+        if hits:
+            for m in hits:
                 old = new_rules.get(m.rid) if new_rules else None
                 new = m.on_telemetry(old, ts_ms, metrics, motion, device_id, alerts)
                 if new is not old:
@@ -1958,7 +1187,20 @@ class AlertEngine:
                         del new_rules[m.rid]  # type: ignore[attr-defined]
                     else:
                         new_rules[m.rid] = new  # type: ignore[index]
-        return self._finish(state, plan, rules, new_rules, ts_ms, _KEEP, device_id, alerts), alerts
+                    if m.field is not None:
+                        watch_changed = watch_changed or {}
+                        watch_changed.setdefault(plan.field_of[m], []).append(m)
+                    due_stale = due_stale or (old is not None and m.deadline(old) is not None) or (
+                        new is not None and m.deadline(new) is not None)
+        watch = None
+        known_due = _UNKNOWN
+        if new_rules is not rules and state is not None:
+            if state.watch is not None and state.watch[3] is plan:
+                watch = state.watch if watch_changed is None else _rewatch(state.watch, watch_changed, new_rules,
+                                                                           state.watch[0])
+            if not due_stale:
+                known_due = state.rules_due_ms
+        return self._finish(state, plan, rules, new_rules, ts_ms, _KEEP, device_id, alerts, watch, known_due), alerts
 
     def tick(self, state: DeviceAlertState | None, device_id: str, now_ms: int
              ) -> tuple[DeviceAlertState | None, list[Alert]]:
@@ -1997,7 +1239,8 @@ class AlertEngine:
 
     def _geofences(self, plan: _Plan, rules: Mapping[str, Any] | None, new_rules: Mapping[str, Any] | None,
                    ts: int, geofences: tuple[str, ...], events: Sequence[FenceEventLike], subject: str,
-                   alerts: Out) -> Mapping[str, Any] | None:
+                   alerts: Out) -> tuple[Mapping[str, Any] | None, bool]:
+        """Geofence rules touched by this fix's events or geofences: (rules, whether any state changed)."""
         fences = plan.fences
         touched: dict[_Geofence, list[FenceEventLike]] | None = None
         for event in events:
@@ -2018,7 +1261,8 @@ class AlertEngine:
                                 touched = {}
                             touched[m] = []
         if touched is None:
-            return new_rules
+            return new_rules, False
+        changed = False
         for m in plan.geo:
             events_for_m = touched.get(m)
             if events_for_m is None:
@@ -2026,19 +1270,20 @@ class AlertEngine:
             old = new_rules.get(m.rid) if new_rules else None
             new = m.on_fences(old, events_for_m, geofences, ts, subject, alerts)
             if new is not old:
+                changed = True
                 if new_rules is rules:
                     new_rules = dict(rules) if rules else {}
                 if new is None:
                     del new_rules[m.rid]  # type: ignore[attr-defined]
                 else:
                     new_rules[m.rid] = new  # type: ignore[index]
-        return new_rules
+        return new_rules, changed
 
     def _finish(self, state: DeviceAlertState | None, plan: _Plan, rules: Mapping[str, Any] | None,
                 new_rules: Mapping[str, Any] | None, ts: int, motion: Any, subject: str, alerts: Out,
-                watch: Watch | None = None) -> DeviceAlertState | None:
+                watch: Watch | None = None, known_due: Any = _UNKNOWN) -> DeviceAlertState | None:
         """Offline bookkeeping for an input at ``ts`` and the new state (the old object if nothing changed).
-        ``watch``: already computed for ``new_rules`` (positions), else derived here."""
+        ``watch`` and ``known_due`` (the rules' earliest deadline): already known for ``new_rules``, else derived."""
         if state is None:
             offline = last_seen = None
             old_motion = None
@@ -2059,14 +1304,14 @@ class AlertEngine:
             if watch is None:
                 watch = state.watch
             if last_seen == state.last_seen_ms and offline is state.offline and motion == old_motion \
-                    and watch is state.watch:
+                    and watch is state.watch and (rules or offline or last_seen is not None or motion is not None):
                 return state
             rules_due = state.rules_due_ms
         else:
             new_rules = new_rules or None
-            rules_due = self._rules_due(new_rules)
+            rules_due = self._rules_due(new_rules) if known_due is _UNKNOWN else known_due
             if watch is None:
-                fence_speed = state.watch[0] if state is not None and state.watch is not None else None
+                fence_speed = state.watch[1] if state is not None and state.watch is not None else None
                 watch = _watch(plan, new_rules, fence_speed)
         if new_rules is None and offline is None and last_seen is None and motion is None:
             return None
@@ -2149,7 +1394,7 @@ class AlertEngine:
         else:
             new_rules = new_rules or None
             rules_due = self._rules_due(new_rules)
-            watch = _watch(plan, new_rules, state.watch[0] if state.watch is not None else None)
+            watch = _watch(plan, new_rules, state.watch[1] if state.watch is not None else None)
         due = _min(rules_due, self._offline_due(plan, last_seen, offline))
         return _state(self.key, last_seen, due, rules_due, new_rules, offline, state.motion, watch)
 

@@ -14,6 +14,7 @@ import json
 import math
 import operator
 import re
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
@@ -59,6 +60,7 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
 }
 MAX_ID_LEN = 128
 DEFAULT_SEVERITY = Severity.WARNING
+NEVER_MS = 2**62  # "no deadline" for schedules that never change
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -96,30 +98,45 @@ class Schedule:
     """When something applies: daily local-time windows (``"22:00-06:00"`` runs past midnight), optionally only on
     some weekdays (the day a window starts), in an IANA timezone (DST handled by zoneinfo).
 
-    ``active_at`` and ``next_change_ms`` run per fix at most; the current constant run is cached, so the zoneinfo
-    arithmetic (tens of µs) happens only when a timestamp falls outside it.
+    ``active_at`` and ``next_change_ms`` can run per fix: the boundaries of an 11-day span are computed once and
+    bisected, so the zoneinfo arithmetic (tens of µs) happens only when a time falls outside the span.
     """
 
-    __slots__ = ("_cache", "_zone", "days", "timezone", "windows")
+    __slots__ = ("_always", "_span", "_zone", "days", "timezone", "windows")
 
     def __init__(self, timezone: str, windows: Sequence[tuple[int, int]], days: Iterable[int] | None = None):
         self.timezone = timezone
         self._zone = ZoneInfo(timezone)
         self.windows = tuple(windows)
         self.days = frozenset(days) if days is not None else None
-        self._cache: tuple[int, int, bool] = (0, 0, False)  # [start, end) of a run, and whether it is active
+        minutes = set()
+        for start, end in self.windows:
+            minutes.update(range(start, end) if end > start else (*range(start, 1440), *range(end)))
+        self._always = self.days in (None, frozenset(range(7))) and len(minutes) == 1440
+        # (span start, span end, boundaries): inside the span, active iff an odd number of boundaries are <= ts
+        self._span: tuple[int, int, list[int]] = (0, 0, [])
 
     def active_at(self, ts_ms: int) -> bool:
-        start, end, active = self._cache
+        if self._always:
+            return True
+        start, end, bounds = self._span
         if not start <= ts_ms < end:
-            start, end, active = self._cache = self._run(ts_ms)
-        return active
+            start, end, bounds = self._span = self._compute(ts_ms)
+        return bisect_right(bounds, ts_ms) % 2 == 1
 
     def next_change_ms(self, ts_ms: int) -> int:
         """The first time after ``ts_ms`` at which ``active_at`` changes (strictly later)."""
-        start, end, _ = self._cache
+        start, end, bounds = self._span
         if not start <= ts_ms < end:
-            start, end, _ = self._cache = self._run(ts_ms)
+            start, end, bounds = self._span = self._compute(ts_ms)
+        if self._always:
+            return NEVER_MS
+        for _ in range(3):  # windows recur at least weekly, so the next span has a change
+            i = bisect_right(bounds, ts_ms)
+            if i < len(bounds) and bounds[i] < end:  # a boundary at or past the span's end may be an artefact
+                return bounds[i]
+            ts_ms = end - 1
+            start, end, bounds = self._span = self._compute(ts_ms)
         return end
 
     def describe(self) -> str:
@@ -139,30 +156,24 @@ class Schedule:
     def _spans(self) -> list[str]:
         return [f"{s // 60:02d}:{s % 60:02d}-{e // 60:02d}:{e % 60:02d}" for s, e in self.windows]
 
-    def _run(self, ts_ms: int) -> tuple[int, int, bool]:
-        zone = self._zone
-        today = datetime.fromtimestamp(ts_ms / 1000, zone).date()
-        first = today - timedelta(days=2)
+    def _compute(self, ts_ms: int) -> tuple[int, int, list[int]]:
+        """Boundaries (start, end, start, end ...) of the merged windows of the local days around ``ts_ms``; the
+        span returned is where they are complete (a window starting the day before the first is included)."""
+        first = datetime.fromtimestamp(ts_ms / 1000, self._zone).date() - timedelta(days=2)
         intervals = sorted(
             (self._utc_ms(day, start), self._utc_ms(day if end > start else day + timedelta(days=1), end))
-            for day in (first + timedelta(days=i) for i in range(11))
+            for day in (first + timedelta(days=i) for i in range(12))
             if self.days is None or day.weekday() in self.days
             for start, end in self.windows
         )
-        merged: list[list[int]] = []
+        span_start, span_end = self._utc_ms(first + timedelta(days=1), 0), self._utc_ms(first + timedelta(days=12), 0)
+        bounds: list[int] = []
         for lo, hi in intervals:
-            if merged and lo <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], hi)
+            if bounds and lo <= bounds[-1]:
+                bounds[-1] = max(bounds[-1], hi)
             else:
-                merged.append([lo, hi])
-        previous_end = self._utc_ms(first, 0)
-        for lo, hi in merged:
-            if ts_ms < lo:
-                return previous_end, lo, False
-            if ts_ms < hi:
-                return lo, hi, True
-            previous_end = max(previous_end, hi)
-        return previous_end, self._utc_ms(first + timedelta(days=11), 0), False
+                bounds += [lo, hi]
+        return span_start, span_end, bounds
 
     def _utc_ms(self, day: date, minute: int) -> int:
         if minute >= 1440:
@@ -783,9 +794,31 @@ def load_rules(source: str | Path | Mapping[str, Any]) -> RuleSet:
     return parse_rules(_load_text(text, json_only=path.suffix.lower() == ".json", where=str(path)), str(path))
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML scalars as people read them (YAML 1.2 core schema): only true/false are booleans, so a rule called
+    ``off`` or ``no`` keeps its name, and ``10:00`` or ``007`` stay strings instead of the YAML 1.1 numbers
+    600 and 7 (PyYAML follows YAML 1.1)."""
+
+
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"),
+                                    list("-+0123456789"))
+_Yaml12Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
 def _load_text(text: str, *, json_only: bool, where: str) -> Any:
     try:
-        return json.loads(text) if json_only else yaml.safe_load(text)
+        return json.loads(text) if json_only else yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader
     except json.JSONDecodeError as exc:
         raise RuleError(f"{where}: not valid JSON: {exc}") from None
     except yaml.YAMLError as exc:

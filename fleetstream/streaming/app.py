@@ -158,6 +158,7 @@ class PositionWorker:
         self.signals = TableState(signals_table) if signals_table is not None else None
         self.rules: RulesFeed | None = None
         self._engine: AlertEngine | None = None
+        self._engine_index: Any = None
         self._pending_signals: dict[str, tuple[int, DeviceSignals]] = {}
         self._pending_signal_seq: dict[str, int] = {}
         # alert-engine deadlines of this worker's devices: (due_ms, device, partition), stale entries skipped
@@ -227,9 +228,10 @@ class PositionWorker:
         if self.rules is None:
             return None
         ruleset = self.rules.ruleset
-        if self._engine is None or self._engine.ruleset is not ruleset:
-            index = self.geofences.index if self.geofences is not None else None
-            self._engine = AlertEngine(ruleset, _speed_limits(index))
+        index = self.geofences.index if self.geofences is not None else None
+        if self._engine is None or self._engine.ruleset is not ruleset or self._engine_index is not index:
+            self._engine = AlertEngine(ruleset, _speed_limits(index))  # speed limits follow the geofences
+            self._engine_index = index
         return self._engine
 
     async def handle(self, events: Sequence[EventT]) -> None:

@@ -297,7 +297,10 @@ class PositionPipeline:
             "altitude_m": fix.altitude_m,
         }
         before = current.alerts if current is not None else None
-        after, alerts = engine.on_position(before, device_id, fix.ts_ms, values, state.geofences, events)
+        # the geofences the device is confirmed inside (anti-flapping applied), not the raw index answer
+        memberships = state.fences
+        confirmed = tuple(sorted(f for f, m in memberships.items() if m.inside)) if memberships else ()
+        after, alerts = engine.on_position(before, device_id, fix.ts_ms, values, confirmed, events)
         if after is not before:
             signals.put(record.partition, device_id, current, alerts=after)
         self._emit_alerts(out, record.partition, alerts)
