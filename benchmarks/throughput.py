@@ -45,10 +45,11 @@ START_MS = 1_780_000_000_000
 
 
 def make_messages(n_fixes: int, devices: int, per_message: int, seed: int = 1) -> list[tuple[bytes, bytes]]:
-    """Deterministic keyed messages: devices random-walking around a city, ~148-byte fixes."""
+    """Deterministic keyed messages: devices random-walking around a city, ~148-byte fixes, speeds that follow on
+    from fix to fix (as real ones do: rules with durations see runs, not noise)."""
     rng = random.Random(seed)
-    state = {f"veh-{i:05d}": [53.40 + rng.uniform(-0.1, 0.1), -2.98 + rng.uniform(-0.1, 0.1), START_MS]
-             for i in range(devices)}
+    state = {f"veh-{i:05d}": [53.40 + rng.uniform(-0.1, 0.1), -2.98 + rng.uniform(-0.1, 0.1), START_MS,
+                              rng.uniform(0, 80)] for i in range(devices)}
     ids = list(state)
     out: list[tuple[bytes, bytes]] = []
     made = 0
@@ -60,8 +61,9 @@ def make_messages(n_fixes: int, devices: int, per_message: int, seed: int = 1) -
             s[0] += rng.gauss(0, 0.0002)
             s[1] += rng.gauss(0, 0.0003)
             s[2] += 5000
+            s[3] = min(90.0, max(0.0, s[3] + rng.gauss(0, 3)))  # speed follows on from the last fix
             fixes.append({"device_id": device, "ts": format_ts(s[2]), "lat": round(s[0], 6), "lon": round(s[1], 6),
-                          "speed_kmh": round(rng.uniform(0, 80), 1), "heading_deg": round(rng.uniform(0, 359), 1),
+                          "speed_kmh": round(s[3], 1), "heading_deg": round(rng.uniform(0, 359), 1),
                           "accuracy_m": 5.0})
         made += len(fixes)
         out.append((device.encode(), orjson.dumps(fixes[0] if per_message == 1 else fixes)))

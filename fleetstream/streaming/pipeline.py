@@ -27,7 +27,7 @@ from fleetstream.codecs import (
     format_ts,
 )
 from fleetstream.config import Settings
-from fleetstream.domain.alerts import Alert, AlertEngine
+from fleetstream.domain.alerts import Alert, AlertEngine, DeviceAlertState
 from fleetstream.domain.geoindex import GeofenceIndex
 from fleetstream.domain.models import DeviceState, Position, Telemetry
 from fleetstream.domain.signals import DeviceSignals
@@ -212,6 +212,7 @@ class PositionPipeline:
             self._telemetry([r for r in records if r.topic == telemetry_topic], out, engine, signals, now_ms)
         if positions:
             self._positions(positions, out, pending or {}, engine, signals, now_ms)
+        signals.flush()
         for device_id, (partition, signal) in out.new_signals.items():
             key = device_id.encode()
             value = dumps(signal.to_json())
@@ -290,20 +291,20 @@ class PositionPipeline:
         enrichment: Enrichment, fix: Position, events: Sequence[GeofenceEvent],
     ) -> None:
         device_id = fix.device_id
-        current = signals.get(record.partition, device_id)
+        before = signals.alert_state(record.partition, device_id)
         values = {
             "lat": fix.lat, "lon": fix.lon, "speed_kmh": enrichment.speed_kmh, "heading_deg": enrichment.heading_deg,
-            "odometer_m": enrichment.odometer_m, "motion": enrichment.motion.value, "accuracy_m": fix.accuracy_m,
+            "odometer_m": enrichment.odometer_m, "motion": enrichment.motion, "accuracy_m": fix.accuracy_m,
             "altitude_m": fix.altitude_m,
         }
-        before = current.alerts if current is not None else None
         # the geofences the device is confirmed inside (anti-flapping applied), not the raw index answer
         memberships = state.fences
         confirmed = tuple(sorted(f for f, m in memberships.items() if m.inside)) if memberships else ()
         after, alerts = engine.on_position(before, device_id, fix.ts_ms, values, confirmed, events)
         if after is not before:
-            signals.put(record.partition, device_id, current, alerts=after)
-        self._emit_alerts(out, record.partition, alerts)
+            signals.set_alert_state(record.partition, device_id, after)
+        if alerts:
+            self._emit_alerts(out, record.partition, alerts)
 
     def _telemetry(
         self, records: Sequence[InRecord], out: BatchOutput, engine: AlertEngine | None, signals: _SignalsCursor,
@@ -400,26 +401,63 @@ class PositionPipeline:
 
 
 class _SignalsCursor:
-    """Reads a device's signals (this batch's, then in flight, then the store) and records new ones."""
+    """Reads a device's signals (this batch's, then in flight, then the store) and records new ones.
+
+    Alert states that change on every fix (an offline rule's last-seen time) are kept aside per device and folded
+    into the device's signals once, at the end of the batch (``flush``)."""
 
     def __init__(self, pipeline: PositionPipeline, out: BatchOutput,
                  pending: Mapping[str, tuple[int, DeviceSignals]]) -> None:
         self.reader = pipeline.signals
         self.new = out.new_signals
         self.pending = pending
+        self.alerts: dict[str, tuple[int, DeviceAlertState | None]] = {}
+        self.changed: set[str] = set()
 
     def get(self, partition: int, device_id: str) -> DeviceSignals | None:
         cached = self.new.get(device_id) or self.pending.get(device_id)
         if cached is not None:
-            return cached[1]
-        if self.reader is None:
+            signals = cached[1]
+        elif self.reader is None:
             return None
-        raw = self.reader.get(partition, device_id.encode())
-        return DeviceSignals.from_json(orjson.loads(raw)) if raw else None
+        else:
+            raw = self.reader.get(partition, device_id.encode())
+            signals = DeviceSignals.from_json(orjson.loads(raw)) if raw else None
+        held = self.alerts.get(device_id)
+        if held is not None:
+            base = signals if signals is not None else DeviceSignals(device_id)
+            return base._replace(alerts=held[1])
+        return signals
 
     def put(self, partition: int, device_id: str, current: DeviceSignals | None, **changes: object) -> None:
         base = current if current is not None else DeviceSignals(device_id)
         self.new[device_id] = (partition, base._replace(**changes) if changes else base)
+        self.alerts.pop(device_id, None)
+
+    def alert_state(self, partition: int, device_id: str) -> DeviceAlertState | None:
+        held = self.alerts.get(device_id)
+        if held is not None:
+            return held[1]
+        signals = self.get(partition, device_id)
+        state = signals.alerts if signals is not None else None
+        self.alerts[device_id] = (partition, state)
+        return state
+
+    def set_alert_state(self, partition: int, device_id: str, state: DeviceAlertState | None) -> None:
+        self.alerts[device_id] = (partition, state)
+        self.changed.add(device_id)
+
+    def flush(self) -> None:
+        for device_id in self.changed:
+            partition, state = self.alerts[device_id]
+            cached = self.new.get(device_id) or self.pending.get(device_id)
+            if cached is not None:
+                base = cached[1]
+            else:
+                raw = self.reader.get(partition, device_id.encode()) if self.reader is not None else None
+                base = DeviceSignals.from_json(orjson.loads(raw)) if raw else DeviceSignals(device_id)
+            self.new[device_id] = (partition, base._replace(alerts=state))
+        self.changed.clear()
 
 
 def alert_dict(alert: Alert) -> dict[str, object]:
