@@ -26,6 +26,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterable, Sequence
+from itertools import chain
 
 import h3
 import numpy as np
@@ -35,7 +36,9 @@ from fleetstream.domain.geoindex import parent_cells
 
 CIRCUMRADIUS_FACTOR = 1.15  # x average hexagon edge; see the module doc
 DISK_CELLS_PER_DEVICE = 0.1  # scan every device instead when the disk has more cells than this per device
+PRUNE_ABOVE = 256  # devices in a disk above which cells too far to matter are skipped before exact distances
 MAX_RINGS = 120  # beyond this the disk costs more than a scan of any realistic index
+RING_ADVANCE = 0.9 * 1.5  # x edge: each ring of a hexagon grid reaches >= 1.5 edges further out; less for safety
 HALF_CIRCUMFERENCE_M = math.pi * EARTH_RADIUS_M
 
 _bi = h3.api.basic_int
@@ -43,6 +46,7 @@ _latlng_to_cell = _bi.latlng_to_cell
 _cell_to_latlng = _bi.cell_to_latlng
 _grid_disk = _bi.grid_disk
 _grid_ring = _bi.grid_ring
+_cell_area = _bi.cell_area
 _EMPTY: frozenset[int] = frozenset()
 
 
@@ -56,6 +60,13 @@ def haversine_many(lat: float, lon: float, lats: np.ndarray, lons: np.ndarray) -
 def circumradius_bound_m(resolution: int) -> float:
     """No point of any H3 cell at ``resolution`` is farther than this from the cell's centre."""
     return CIRCUMRADIUS_FACTOR * h3.average_hexagon_edge_length(resolution, "m") + 1.0
+
+
+def descendant_reach_m(resolution: int, fine_resolution: int) -> float:
+    """How far from the centre of a cell at ``resolution`` a point can be whose ``fine_resolution`` cell has that
+    cell as parent. H3 descendants stick out of their ancestor's hexagon by about a child cell (the hierarchy is
+    not geometric); twice the circumradius plus the fine cell's is a generous bound."""
+    return 2 * circumradius_bound_m(resolution) + circumradius_bound_m(fine_resolution)
 
 
 class NearbyIndex:
@@ -184,12 +195,13 @@ class NearbyIndex:
         live = len(self._slot)
         if radius_m >= HALF_CIRCUMFERENCE_M:
             return self._within(lat, lon, self._everyone(), radius_m, limit)
-        origin, advance = self._origin(lat, lon)
+        origin, edge = self._origin(lat, lon)
+        advance = RING_ADVANCE * edge
         estimate = self._rings_estimate(radius_m, advance)
         # Dense areas: the `limit` nearest are usually much nearer than the radius. First try a disk sized to
         # cover 1.25 x the distance holding `limit` devices at the index's mean density (devices per occupied
         # cell); its answer stands if its limit-th result is inside what the disk is shown to cover.
-        cell_area = 0.866 * advance * advance / 0.64  # sqrt(3)/2 x spacing^2: one hexagon
+        cell_area = 1.5 * math.sqrt(3) * edge * edge
         expected = math.sqrt(limit * cell_area * len(self._grid) / (math.pi * live))
         small = self._rings_estimate(1.25 * expected, advance)
         while small < estimate and not self._scan_cheaper(small):
@@ -218,16 +230,18 @@ class NearbyIndex:
             cutoff = np.partition(distances, limit - 1)[limit - 1]
             keep = distances <= cutoff
             slots, distances = slots[keep], distances[keep]
+        order = np.argsort(distances, kind="stable")
+        ordered = distances[order]
         ids = self._ids
-        found = sorted(zip(distances.tolist(), [ids[s] for s in slots.tolist()], strict=True))
-        return [(device, distance) for distance, device in found[:limit]]  # type: ignore[misc]
+        found = list(zip([ids[s] for s in slots[order].tolist()], ordered.tolist(), strict=True))
+        if len(ordered) > 1 and bool((ordered[1:] == ordered[:-1]).any()):  # equal distances: by id
+            found.sort(key=lambda r: (r[1], r[0]))  # type: ignore[arg-type]
+        return found[:limit]  # type: ignore[return-value]
 
     def _origin(self, lat: float, lon: float) -> tuple[int, float]:
-        """The point's cell, and a lower estimate of how far outwards each ring of cells reaches there."""
+        """The point's cell, and the edge of a regular hexagon of its area (the local scale of the grid)."""
         origin = _latlng_to_cell(lat, lon, self.resolution)
-        olat, olon = _cell_to_latlng(origin)
-        spacing = min(_distance(olat, olon, *_cell_to_latlng(c)) for c in _grid_ring(origin, 1))  # ~sqrt(3) edge
-        return origin, spacing * 0.8  # a ring moves ~sqrt(3)/2 x spacing outwards; a little less for safety
+        return origin, math.sqrt(2 * _cell_area(origin, "m^2") / (3 * math.sqrt(3)))
 
     def _rings_estimate(self, radius_m: float, advance: float) -> int:
         return max(0, math.ceil((radius_m + 2 * self._rmax) / advance) - 1)
@@ -257,6 +271,9 @@ class NearbyIndex:
         n = len(entries)
         if not n:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
+        if n <= 8 or sum(len(e[0]) for e in entries) <= PRUNE_ABOVE:  # few devices: pruning costs more
+            slots = np.concatenate([self._members(e) for e in entries])
+            return slots, haversine_many(lat, lon, self._lat[slots], self._lon[slots])
         centre = haversine_many(lat, lon, np.fromiter((e[2] for e in entries), np.float64, n),
                                 np.fromiter((e[3] for e in entries), np.float64, n))
         rmax = self._rmax
@@ -277,8 +294,8 @@ class NearbyIndex:
         """Slots of every device that may be within ``radius_m``."""
         if radius_m >= HALF_CIRCUMFERENCE_M:
             return self._everyone()
-        origin, advance = self._origin(lat, lon)
-        k = self._rings(lat, lon, origin, radius_m, advance)
+        origin, edge = self._origin(lat, lon)
+        k = self._rings(lat, lon, origin, radius_m, RING_ADVANCE * edge)
         if k is None:
             return self._everyone()
         grid = self._grid
@@ -297,8 +314,8 @@ class NearbyIndex:
         ring = _grid_ring(origin, k + 1)
         if not ring:
             return math.inf
-        centres = np.array([_cell_to_latlng(c) for c in ring])
-        return float(haversine_many(lat, lon, centres[:, 0], centres[:, 1]).min()) - self._rmax
+        centres = np.fromiter(chain.from_iterable(map(_cell_to_latlng, ring)), np.float64, 2 * len(ring))
+        return float(haversine_many(lat, lon, centres[0::2], centres[1::2]).min()) - self._rmax
 
     def _everyone(self) -> np.ndarray:
         return np.flatnonzero(self._alive[: self._top])
@@ -316,9 +333,7 @@ class NearbyIndex:
         res = _bi.get_resolution(target)
         clat, clon = _cell_to_latlng(target)
         if res <= self.cell_resolution:
-            # H3 descendants reach beyond their ancestor's hexagon by a few child cells at most: generous margin
-            reach = 2 * circumradius_bound_m(res) + circumradius_bound_m(self.cell_resolution)
-            slots = self._candidates(clat, clon, reach)
+            slots = self._candidates(clat, clon, descendant_reach_m(res, self.cell_resolution))
             cells = self._cell[slots]
             hit = (cells if res == self.cell_resolution else parent_cells(cells, res)) == np.uint64(target)
             slots = slots[hit]
@@ -347,12 +362,6 @@ class NearbyIndex:
         if after is not None:
             found = [d for d in found if d > after]  # type: ignore[operator]
         return found[:limit] if limit is not None else found  # type: ignore[return-value]
-
-
-def _distance(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    p1, p2 = math.radians(lat1), math.radians(lat2)
-    a = math.sin((p2 - p1) / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
-    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(a)))
 
 
 def merge_nearby(results: Iterable[Sequence[tuple[str, float]]], limit: int) -> list[tuple[str, float]]:
