@@ -452,7 +452,7 @@ def decode_telemetry(key: bytes | None, value: bytes | None, *, now_ms: int,
 
 def decode_reader(key: bytes | None, value: bytes | None, *,
                   limits: CodecLimits = DEFAULT_LIMITS) -> dict[str, Any] | DecodeError:
-    """A ``fleet.readers`` value -> ``{reader_id, lat, lon, zone_id, vehicle_id, name}`` (absent ones None).
+    """A ``fleet.readers`` value -> ``{reader_id, lat, lon, zone_id, vehicle_id, name, role}`` (absent ones None).
 
     A null value is a tombstone (delete the reader): callers test ``value is None`` first; here it is ``null_value``.
     """

@@ -518,7 +518,9 @@ def test_telemetry():
 def test_readers():
     doc = {"reader_id": "r1", "lat": 53, "lon": -2.9, "zone_id": "dock-3"}
     assert decode_reader(b"r1", orjson.dumps(doc)) == {
-        "reader_id": "r1", "lat": 53.0, "lon": -2.9, "zone_id": "dock-3", "vehicle_id": None, "name": None}
+        "reader_id": "r1", "lat": 53.0, "lon": -2.9, "zone_id": "dock-3", "vehicle_id": None, "name": None,
+        "role": None}
+    assert decode_reader(b"r1", orjson.dumps({**doc, "role": "gate"}))["role"] == "gate"
     assert decode_reader(b"r1", None).reason == "null_value"  # a tombstone: the caller deletes before decoding
     assert decode_reader(b"r2", orjson.dumps(doc)).reason == "key_mismatch"
     assert decode_reader(b"r1", orjson.dumps([doc])).reason == "not_an_object"
