@@ -168,7 +168,10 @@ def _positive(name: str, value: float) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
+    import time
+
     from fleetstream.simulate import SimulationConfig, simulate
+    from fleetstream.streaming.kafka import client_security
     from fleetstream.streaming.topics import ensure_topics
 
     settings = _settings_from(args)
@@ -177,11 +180,13 @@ def _run_simulate(args: argparse.Namespace) -> int:
     config = SimulationConfig(
         vehicles=args.vehicles, rate_per_s=args.rate, duration_s=args.duration, seed=args.seed,
         batch_size=args.fixes_per_message, malformed_share=args.malformed_share,
+        start_ms=int(time.time() * 1000),  # fixes from now on: event-time lag and offline rules stay meaningful
     )
 
     async def go() -> Any:
         await ensure_topics(settings)
-        return await simulate(",".join(settings.bootstrap_servers), config, topic=settings.positions_topic)
+        return await simulate(",".join(settings.bootstrap_servers), config, topic=settings.positions_topic,
+                              producer_options=client_security(settings))
 
     stats = asyncio.run(go())
     print(f"published {stats}")
@@ -190,6 +195,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 def _run_replay(args: argparse.Namespace) -> int:
     from fleetstream.simulate import replay
+    from fleetstream.streaming.kafka import client_security
     from fleetstream.streaming.topics import ensure_topics
 
     settings = _settings_from(args)
@@ -199,6 +205,7 @@ def _run_replay(args: argparse.Namespace) -> int:
         return await replay(
             ",".join(settings.bootstrap_servers), args.file, topic=settings.positions_topic, speed=args.speed,
             batch_size=args.fixes_per_message, device_prefix=args.device_prefix,
+            producer_options=client_security(settings),
         )
 
     try:

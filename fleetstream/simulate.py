@@ -719,17 +719,21 @@ async def _paced_by_event_time(records: Iterable[SimRecord], speed: float) -> As
 
 
 async def simulate(bootstrap_servers: str, config: SimulationConfig, topic: str = "fleet.positions",
-                   status_cb: StatusCallback | None = None) -> PublishStats:
-    """Publish a simulated fleet in real time: ``config.rate_per_s`` fixes per second of wall time."""
+                   status_cb: StatusCallback | None = None,
+                   producer_options: dict[str, Any] | None = None) -> PublishStats:
+    """Publish a simulated fleet in real time: ``config.rate_per_s`` fixes per second of wall time.
+    ``producer_options``: extra aiokafka producer arguments (TLS / SASL)."""
     return await publish(bootstrap_servers, topic, _paced_by_event_time(generate_records(config), 1.0),
-                         status_cb=status_cb)
+                         status_cb=status_cb, producer_options=producer_options)
 
 
 async def replay(bootstrap_servers: str, path: str | Path, topic: str = "fleet.positions", speed: float = 1.0,
                  batch_size: int = 1, device_prefix: str = "",
-                 status_cb: StatusCallback | None = None) -> PublishStats:
+                 status_cb: StatusCallback | None = None,
+                 producer_options: dict[str, Any] | None = None) -> PublishStats:
     """Replay a trace file or folder: ``speed`` 1 = real time, 60 = a minute per second, 0 or inf = at once."""
     records = trace_records(path, batch_size=batch_size, device_prefix=device_prefix)
     if not records:
         raise ValueError(f"{path}: no fixes")
-    return await publish(bootstrap_servers, topic, _paced_by_event_time(records, speed), status_cb=status_cb)
+    return await publish(bootstrap_servers, topic, _paced_by_event_time(records, speed), status_cb=status_cb,
+                         producer_options=producer_options)

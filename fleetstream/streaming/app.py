@@ -28,7 +28,7 @@ from fleetstream.config import Settings
 from fleetstream.domain.alerts import AlertEngine
 from fleetstream.domain.models import DeviceState
 from fleetstream.domain.nearby import NearbyIndex
-from fleetstream.domain.signals import DeviceSignals
+from fleetstream.domain.signals import DeviceSignals, active_alerts
 from fleetstream.observability.metrics import Metrics
 from fleetstream.streaming.api import register_api
 from fleetstream.streaming.geofence_feed import GeofenceFeed
@@ -159,6 +159,7 @@ class PositionWorker:
         self.rules: RulesFeed | None = None
         self._engine: AlertEngine | None = None
         self._engine_index: Any = None
+        self._rejected_reported = 0
         self._pending_signals: dict[str, tuple[int, DeviceSignals]] = {}
         self._pending_signal_seq: dict[str, int] = {}
         # alert-engine deadlines of this worker's devices: (due_ms, device, partition), stale entries skipped
@@ -471,11 +472,29 @@ class PositionWorker:
             index = self.geofences.index
             m.geofences.set(len(index) if index is not None else 0)
             m.index_rebuild_seconds.set(self.geofences.last_rebuild_s)
+            rejected = self.geofences.rejected
+            if rejected > self._rejected_reported:
+                m.geofences_rejected.inc(rejected - self._rejected_reported)
+                self._rejected_reported = rejected
+        lags = {}
         for tp in assigned:
             highwater = consumer.highwater(tp)
             next_offset = self._next_offsets.get((tp.topic, tp.partition))
             if highwater is not None and next_offset is not None:
-                m.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))
+                lags[(tp.topic, tp.partition)] = max(0, highwater - next_offset)
+        m.set_consumer_lag(lags)  # partitions no longer held drop out
+        recovery = self.app.tables.recovery
+        m.observe_recovery(recovery.active_remaining_total(), recovery.standby_remaining_total())
+        self._ensure_directory()
+        m.devices.set(len(self.directory))
+        if self.rules is not None and len(self.rules.ruleset):
+            by_severity: Counter[str] = Counter()
+            for signals in self.local_signals():
+                for rule_id, _, _ in active_alerts(signals.alerts, signals.device_id):
+                    rule = self.rules.ruleset.get(rule_id)
+                    by_severity[str(rule.severity) if rule is not None else "info"] += 1
+            for severity in ("critical", "major", "minor", "warning", "info"):
+                m.active_alerts.labels(severity).set(by_severity[severity])
 
     def _process(self, records: list[InRecord]) -> BatchOutput:
         """Never let one record stop the worker: on an unexpected error, retry one record at a time and
@@ -525,11 +544,11 @@ class PositionWorker:
             m.event_lag.observe_many(now - np.asarray(output.fix_ts_ms, dtype=np.float64) / 1000.0)
         if messages:
             kafka_ts = np.fromiter((msg.timestamp for msg in messages), dtype=np.float64, count=len(messages))
-            m.processing_latency.observe_many(now - kafka_ts / 1000.0)
+            m.processing_latency.observe_many(now - kafka_ts)  # Faust's Message.timestamp is in seconds
             m.batch_size.observe(output.messages)
             m.batch_seconds.observe(time.perf_counter() - started)
             m.last_input_timestamp.set(now)
-        m.devices.set(len(self.stats.devices))
+        m.devices.set(len(self.directory) if not self._directory_stale else len(self.stats.devices))
 
 
 def create_app(
@@ -575,6 +594,10 @@ def create_app(
         schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
     )
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    # every series exists at zero before the first batch, so rate() and increase() see the first one
+    metrics.prime_inputs((settings.positions_topic, settings.telemetry_topic))
+    metrics.prime_outputs((settings.enriched_topic, settings.deadletter_topic, settings.geofence_events_topic,
+                           settings.alerts_topic))
     worker = PositionWorker(app, settings, table, metrics if settings.metrics_enabled else None, signals_table)
     app.fleetstream_worker = worker  # type: ignore[attr-defined]
 
