@@ -74,7 +74,35 @@ class Settings:
     max_future_skew_s: float = _opt(300.0, "Fixes more than this far in the future are dead-lettered", min=0)
     max_message_bytes: int = _opt(1_048_576, "Larger input messages are dead-lettered", min=64)
     max_batch_items: int = _opt(1000, "Most fixes in one array message", min=1)
-    stop_speed_kmh: float = _opt(3.0, "At or below this speed a device counts as stopped", min=0)
+    # --- position filters (each off at 0 unless said otherwise) and motion ----------------------------------
+    filter_null_island: bool = _opt(True, "Filter fixes at exactly (0, 0), a common receiver failure value")
+    filter_max_future_s: float = _opt(
+        60.0, "Filter fixes more than this ahead of the worker's clock (0: off; beyond max_future_skew_s they are "
+        "dead-lettered)", min=0,
+    )
+    filter_max_age_s: float = _opt(0.0, "Filter fixes older than this behind the worker's clock (0: off)", min=0)
+    max_accuracy_m: float = _opt(100.0, "Filter fixes reporting a worse accuracy (0: off)", min=0)
+    max_speed_kmh: float = _opt(
+        300.0, "Filter a fix whose distance from the last accepted one implies a faster speed: an outlier jump "
+        "(0: off)", min=0,
+    )
+    min_interval_s: float = _opt(0.0, "Downsampling: filter fixes sooner than this after the last accepted", min=0)
+    min_distance_m: float = _opt(0.0, "Downsampling: filter fixes nearer than this to the last accepted", min=0)
+    reorder_window_s: float = _opt(
+        0.0, "Hold each device's fixes this long to re-sort them by time before they change state (0: only "
+        "within a batch); older arrivals are filtered as late", min=0,
+    )
+    filtered_output: str = _opt(
+        "publish", "Filtered fixes: publish them to the enriched topic flagged 'filtered', or drop them (always "
+        "counted by reason)", choices=("publish", "drop"),
+    )
+    stop_speed_kmh: float = _opt(3.0, "At or below this speed a device is slow (a stop candidate)", min=0)
+    start_speed_kmh: float = _opt(8.0, "A stopped device reporting more than this is moving again", min=0)
+    stop_after_s: float = _opt(180.0, "Slow this long before a stop is confirmed (and a trip closes)", min=0)
+    start_distance_m: float = _opt(
+        100.0, "A stopped device this far from its stop is moving again, whatever its speed", min=1,
+    )
+    trips_enabled: bool = _opt(True, "Motion with hysteresis, stops and trips (published to the trips topic)")
     # --- geofences (defaults; each geofence may override them in its properties) -----------------------
     geofences_file: str = _opt("", "GeoJSON file or directory of geofences to publish and load at start")
     geofence_enter_after_s: float = _opt(0.0, "Time inside before an enter is confirmed", min=0)

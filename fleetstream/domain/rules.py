@@ -169,6 +169,8 @@ class Schedule:
         span_start, span_end = self._utc_ms(first + timedelta(days=1), 0), self._utc_ms(first + timedelta(days=12), 0)
         bounds: list[int] = []
         for lo, hi in intervals:
+            if hi <= lo:  # the whole window falls in a skipped hour (spring forward): it does not happen that day
+                continue
             if bounds and lo <= bounds[-1]:
                 bounds[-1] = max(bounds[-1], hi)
             else:
@@ -179,7 +181,25 @@ class Schedule:
         if minute >= 1440:
             day, minute = day + timedelta(days=1), minute - 1440
         local = datetime.combine(day, time(minute // 60, minute % 60), tzinfo=self._zone)
-        return round(local.timestamp() * 1000)
+        utc_ms = round(local.timestamp() * 1000)
+        wall = datetime.fromtimestamp(utc_ms / 1000, self._zone).replace(tzinfo=None)
+        if wall == local.replace(tzinfo=None):
+            return utc_ms
+        # A local time the clocks skip (spring forward): wall time first reaches it when the clocks change. Find
+        # that instant between the two readings of the skipped time (a minute at a time, by bisection).
+        lo = round(local.replace(fold=1).timestamp() * 1000)
+        hi = utc_ms
+        lo, hi = min(lo, hi), max(lo, hi)
+        target = local.replace(tzinfo=None)
+        while hi - lo > 60_000:
+            mid = (lo + hi) // 2 // 60_000 * 60_000
+            if mid <= lo:
+                break
+            if datetime.fromtimestamp(mid / 1000, self._zone).replace(tzinfo=None) >= target:
+                hi = mid
+            else:
+                lo = mid
+        return hi
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)  # identity hash: cheap as a key of compiled plans

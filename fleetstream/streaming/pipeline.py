@@ -28,6 +28,7 @@ from fleetstream.codecs import (
 )
 from fleetstream.config import Settings
 from fleetstream.domain.alerts import Alert, AlertEngine, DeviceAlertState
+from fleetstream.domain.filters import FilterConfig, batch_order
 from fleetstream.domain.geoindex import GeofenceIndex
 from fleetstream.domain.models import DeviceState, Position, Telemetry
 from fleetstream.domain.signals import DeviceSignals
@@ -38,6 +39,7 @@ from fleetstream.domain.transitions import (
     memberships_from_json,
 )
 from fleetstream.domain.transitions import step as transition_step
+from fleetstream.domain.trips import TrackEvent
 from fleetstream.streaming.output import OutRecord
 
 
@@ -76,6 +78,7 @@ class BatchOutput:
     signal_writes: list[tuple[int, bytes, bytes]] = field(default_factory=list)
     alerts: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (rule, severity, state)
     deadlettered_by_topic: Counter[tuple[str, str]] = field(default_factory=Counter)  # (source topic, reason)
+    trips: Counter[str] = field(default_factory=Counter)  # TripEvent / StopEvent closed
 
     def merge(self, other: BatchOutput) -> None:
         self.records.extend(other.records)
@@ -92,6 +95,7 @@ class BatchOutput:
         self.signal_writes.extend(other.signal_writes)
         self.alerts.update(other.alerts)
         self.deadlettered_by_topic.update(other.deadlettered_by_topic)
+        self.trips.update(other.trips)
 
 
 @dataclass(slots=True)
@@ -176,11 +180,21 @@ class PositionPipeline:
         self.geofences = geofences
         self.clock_ms = clock_ms
         self.stats = stats or PipelineStats()
+        self.filters = FilterConfig(
+            reject_null_island=settings.filter_null_island, max_future_s=settings.filter_max_future_s,
+            max_age_s=settings.filter_max_age_s, max_accuracy_m=settings.max_accuracy_m,
+            max_speed_kmh=settings.max_speed_kmh, min_interval_s=settings.min_interval_s,
+            min_distance_m=settings.min_distance_m, reorder_window_s=settings.reorder_window_s,
+        )
         self.tracking = TrackingConfig(
             h3_resolution=settings.h3_resolution,
             extra_resolutions=tuple(r for r in settings.h3_extra_resolutions if r != settings.h3_resolution),
-            stop_speed_kmh=settings.stop_speed_kmh,
+            stop_speed_kmh=settings.stop_speed_kmh, start_speed_kmh=max(settings.start_speed_kmh,
+                                                                         settings.stop_speed_kmh),
+            stop_after_s=settings.stop_after_s, start_distance_m=settings.start_distance_m,
+            trips=settings.trips_enabled, filters=self.filters,
         )
+        self.publish_filtered = settings.filtered_output == "publish"
         self.transition_defaults = TransitionDefaults(
             dwell_s=settings.geofence_dwell_s, enter_after_s=settings.geofence_enter_after_s,
             exit_after_s=settings.geofence_exit_after_s, exit_buffer_m=settings.geofence_exit_buffer_m,
@@ -235,6 +249,9 @@ class PositionPipeline:
         out.fixes = len(accepted) + len(out.records) - deadletters_before
         if not accepted:
             return
+        order = batch_order([fix for _, _, fix in accepted])  # each device's fixes in time order (within the batch)
+        if order is not None:
+            accepted = [accepted[i] for i in order]
 
         index = self.geofences()
         if index is not None and len(index):
@@ -252,6 +269,7 @@ class PositionPipeline:
         tracking = self.tracking
         read_state = self.state.get
         emit = out.records.append
+        publish_filtered = self.publish_filtered
         for (record, item_index, fix), fences in zip(accepted, inside, strict=True):
             device_id = fix.device_id
             cached = states.get(device_id) or pending.get(device_id)
@@ -260,8 +278,9 @@ class PositionPipeline:
                 previous = DeviceState.from_dict(orjson.loads(raw)) if raw else None
             else:
                 previous = cached[1]
-            new_state, enrichment = step_position(previous, fix, tracking)
+            new_state, enrichment = step_position(previous, fix, tracking, now_ms, fences)
             if enrichment.filtered is None:
+                assert new_state is not None
                 if fences != new_state.geofences:
                     new_state = new_state._replace(geofences=fences)
                 events: list[GeofenceEvent] = []
@@ -272,11 +291,15 @@ class PositionPipeline:
                 states[device_id] = (record.partition, new_state)
                 if engine is not None:
                     self._alerts_on_position(out, record, engine, signals, new_state, enrichment, fix, events)
+                if enrichment.closed:
+                    self._emit_trips(out, record, enrichment.closed)
             else:
-                out.filtered[enrichment.filtered.value] += 1
+                out.filtered[enrichment.filtered] += 1
+                if not publish_filtered:
+                    continue
             value = dumps(enriched_dict(record, item_index, fix, enrichment, fences))
             emit(OutRecord(enriched_topic, record.key, value, record.partition if copartitioned else None))
-        out.enriched = len(accepted)
+        out.enriched = len(accepted) if publish_filtered else len(accepted) - sum(out.filtered.values())
         out.fix_ts_ms = [fix.ts_ms for _, _, fix in accepted]
 
         for device_id, (partition, state) in states.items():
@@ -356,6 +379,14 @@ class PositionPipeline:
             out.signal_writes.append((partition, key, value))
             out.records.append(OutRecord(self.signals_changelog_topic, key, value, partition))
         return out
+
+    def _emit_trips(self, out: BatchOutput, record: InRecord, closed: Sequence[TrackEvent]) -> None:
+        """Trips and stops that closed on this fix, to ``fleet.trips`` keyed by device."""
+        topic = self.settings.trips_topic
+        partition = record.partition if self.copartitioned else None
+        for event in closed:
+            out.trips[type(event).__name__] += 1
+            out.records.append(OutRecord(topic, record.key, dumps(event.to_message(format_ts)), partition))
 
     def _emit_alerts(self, out: BatchOutput, partition: int, alerts: Sequence[Alert]) -> None:
         if not alerts:
@@ -520,6 +551,6 @@ def enriched_dict(
     if fix.attributes:
         out["attributes"] = fix.attributes
     if enrichment.filtered is not None:
-        out["filtered"] = enrichment.filtered.value
+        out["filtered"] = enrichment.filtered
     return out
 

@@ -183,6 +183,15 @@ def test_scripted_incidents_give_exactly_the_expected_alerts(broker, prefix, tmp
     finally:
         worker.stop()
 
+    # truck-1 was parked in the depot for 10 minutes, then drove off: its stop closed and went to the trips topic
+    trips = [r.json() for r in asyncio.run(read_topic(broker.bootstrap, settings.trips_topic, idle_s=2))]
+    for record in trips:
+        validate_output("trip", record)
+    stops = [t for t in trips if t["device_id"] == "truck-1" and t["type"] == "stop"]
+    assert len(stops) == 1, trips
+    assert parse_ts(stops[0]["start_ts"]) == truck_start and stops[0]["geofences"] == ["depot"]
+    assert stops[0]["duration_s"] == pytest.approx(9 * 60, abs=60)
+
     for alert in final:
         validate_output("alert", alert)
     pairs = [(a["alert_id"], a["state"]) for a in final]

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from fleetstream.codecs import validate_output
+from fleetstream.config import Settings
 from fleetstream.domain.geo import haversine_m
 from tests.integration.helpers import WorkerProcess, produce, read_topic, wait_for_count, worker_settings
 
@@ -79,14 +80,21 @@ def make_stream(n_records: int, devices: int, malformed_share: float, seed: int)
     return records, valid, malformed
 
 
-def reference_odometer(fixes: list[dict]) -> tuple[float, int]:
-    """Sum of haversine distances between consecutive accepted fixes (strictly newer ts), and their count."""
+DEFAULT_MAX_SPEED_KMH = Settings().max_speed_kmh
+
+
+def reference_odometer(fixes: list[dict], max_speed_kmh: float = DEFAULT_MAX_SPEED_KMH) -> tuple[float, int]:
+    """Sum of haversine distances between consecutive accepted fixes, and their count. Accepted: strictly newer
+    than the last accepted fix, and reachable from it at ``max_speed_kmh`` (the default outlier-jump filter)."""
     total, last, accepted = 0.0, None, 0
     for fix in fixes:
         if last is not None and fix["ts"] <= last["ts"]:
             continue
         if last is not None:
-            total += haversine_m(last["lat"], last["lon"], fix["lat"], fix["lon"])
+            step = haversine_m(last["lat"], last["lon"], fix["lat"], fix["lon"])
+            if max_speed_kmh and step > max_speed_kmh / 3600.0 * (fix["ts"] - last["ts"]):
+                continue  # an implied-speed jump: filtered, the odometer does not move
+            total += step
         last = fix
         accepted += 1
     return total, accepted
