@@ -89,8 +89,9 @@ class Settings:
     min_interval_s: float = _opt(0.0, "Downsampling: filter fixes sooner than this after the last accepted", min=0)
     min_distance_m: float = _opt(0.0, "Downsampling: filter fixes nearer than this to the last accepted", min=0)
     reorder_window_s: float = _opt(
-        0.0, "Hold each device's fixes this long to re-sort them by time before they change state (0: only "
-        "within a batch); older arrivals are filtered as late", min=0,
+        0.0, "Hold each device's fixes this long to re-sort them by time before they change state. The worker "
+        "re-sorts each device's fixes within a batch; holding across batches is not wired yet, so only 0 is "
+        "accepted", min=0, max=0,
     )
     filtered_output: str = _opt(
         "publish", "Filtered fixes: publish them to the enriched topic flagged 'filtered', or drop them (always "
