@@ -42,6 +42,9 @@ from fleetstream.embedded import EmbeddedBroker, free_port
 from fleetstream.streaming.topics import TopicSpec, ensure_topics
 
 START_MS = 1_780_000_000_000
+# the worker with the filter chain and motion/trips off: what "with them off" means for the filters+rules target
+BARE = {"filter_null_island": False, "filter_max_future_s": 0.0, "max_accuracy_m": 0.0, "max_speed_kmh": 0.0,
+        "trips_enabled": False}
 
 
 def make_messages(n_fixes: int, devices: int, per_message: int, seed: int = 1) -> list[tuple[bytes, bytes]]:
@@ -216,6 +219,9 @@ def main() -> None:
     parser.add_argument("--rules", default="0",
                         help="alert rule counts to run the worker with, comma separated (e.g. 0,50): a mix of "
                         "overspeed, position thresholds, offline, maintenance, geofence and telemetry rules")
+    parser.add_argument("--bare", action="store_true",
+                        help="also run the worker with the filter chain and motion/trips off (and no rules): the "
+                        "baseline the filters + motion + rules figure is compared with")
     parser.add_argument("--worker-wrapper", default="", help="command prefix for the worker, e.g. a profiler")
     args = parser.parse_args()
     pipelines = args.pipelines.split(",")
@@ -250,6 +256,8 @@ def main() -> None:
                     variants = [(g, r) for g in fence_counts for r in rule_counts]
                     runs = [("worker" + (f"+{g}gf" if g else "") + (f"+{r}rules" if r else ""), (g, r))
                             for g, r in variants] + runs
+                    if args.bare:
+                        runs = [("worker-bare", (0, 0)), *runs]
                 for name, (fences, rules) in ((n_, v if isinstance(v, tuple) else (v, 0)) for n_, v in runs):
                     tag = f"{name.replace('+', '')}{mode}r{run}"
                     out_topic = f"{topic}.{tag}.out"
@@ -258,7 +266,8 @@ def main() -> None:
                         wall, cpu = run_worker(broker.url, topic, n, args.partitions, workdir, tag,
                                                wrapper=args.worker_wrapper.split() or None,
                                                geofences_topic=fence_topics.get(fences),
-                                               **({"rules_topic": rule_topics[rules]} if rules else {}))
+                                               **({"rules_topic": rule_topics[rules]} if rules else {}),
+                                               **(BARE if name == "worker-bare" else {}))
                     elif name == "aiokafka":
                         wall, cpu = asyncio.run(run_aiokafka(broker.bootstrap, topic, out_topic, n))
                     else:
@@ -278,6 +287,10 @@ def main() -> None:
             for other in rates:
                 if other != "worker":
                     print(f"           {other} / worker = {rates[other] / rates['worker']:.2f}x")
+        if "worker-bare" in rates:
+            for other in rates:
+                if other.startswith("worker") and other != "worker-bare":
+                    print(f"           {other} / worker-bare = {rates[other] / rates['worker-bare']:.2f}x")
 
 
 def publish_fences(broker_url: str, count: int) -> str:
