@@ -89,9 +89,8 @@ class Settings:
     min_interval_s: float = _opt(0.0, "Downsampling: filter fixes sooner than this after the last accepted", min=0)
     min_distance_m: float = _opt(0.0, "Downsampling: filter fixes nearer than this to the last accepted", min=0)
     reorder_window_s: float = _opt(
-        0.0, "Hold each device's fixes this long to re-sort them by time before they change state. The worker "
-        "re-sorts each device's fixes within a batch; holding across batches is not wired yet, so only 0 is "
-        "accepted", min=0, max=0,
+        0.0, "Hold each device's fixes this long (event time, and at most this long in wall time) to re-sort them "
+        "before they change state; older arrivals are filtered as late (0: re-sort within each batch only)", min=0,
     )
     filtered_output: str = _opt(
         "publish", "Filtered fixes: publish them to the enriched topic flagged 'filtered', or drop them (always "

@@ -165,6 +165,8 @@ class PositionWorker:
         # alert-engine deadlines of this worker's devices: (due_ms, device, partition), stale entries skipped
         self._deadlines: list[tuple[int, str, int]] = []
         self._deadlines_stale = True
+        # with a reorder window: when each device's held fixes have waited the whole window
+        self._held_deadlines: list[tuple[int, str, int]] = []
         self.stats = PipelineStats()
         self.pipeline: PositionPipeline | None = None
         self.output: BatchProducer | None = None
@@ -266,7 +268,9 @@ class PositionWorker:
         while len(self._inflight) >= self.max_inflight:
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
         started = time.perf_counter()
-        output = self.pipeline.tick(self._due_now(), self._pending_signals)  # no await until states registered
+        output = self.pipeline.tick(  # no await until its states are registered
+            self._due_now(), self._pending_signals, held_due=self._held_due_now(), pending=self._pending_states,
+        )
         if output.records or output.state_writes:
             await self._emit(output, (), started)
 
@@ -278,11 +282,17 @@ class PositionWorker:
         self._seq += 1
         seq = self._seq
         nearby_index = self.nearby_index
+        window_ms = self.pipeline.filters.reorder_window_ms if self.pipeline is not None else 0
         for device_id, entry in output.new_states.items():
             self._pending_states[device_id] = entry
             self._pending_seq[device_id] = seq
             state = entry[1]
-            nearby_index.update(device_id, state.lat, state.lon, state.ts_ms, state.h3)
+            if state.accepted:
+                nearby_index.update(device_id, state.lat, state.lon, state.ts_ms, state.h3)
+            if state.held is not None and window_ms:
+                held_due = state.held.due_ms(window_ms)
+                if held_due is not None:
+                    heapq.heappush(self._held_deadlines, (held_due, device_id, entry[0]))
         for device_id, signal_entry in output.new_signals.items():
             self._pending_signals[device_id] = signal_entry
             self._pending_signal_seq[device_id] = seq
@@ -324,7 +334,8 @@ class PositionWorker:
                 del self._pending_signals[device_id]
         directory = self.directory
         for device_id, entry in output.new_states.items():
-            directory[device_id] = entry
+            if entry[1].accepted:  # not a device whose first fixes are still held for reordering
+                directory[device_id] = entry
             if self._pending_seq.get(device_id) == seq:  # no later batch changed it: the store has it now
                 del self._pending_seq[device_id]
                 del self._pending_states[device_id]
@@ -365,12 +376,14 @@ class PositionWorker:
             partition = key_partition(topic, key).partition
             if partition in active and value:
                 state = DeviceState.from_dict(orjson.loads(value))
-                directory[state.device_id] = (partition, state)
+                if state.accepted:
+                    directory[state.device_id] = (partition, state)
         directory.update(self.directory)  # states applied since the scan started are newer
         self.directory = directory
         self._directory_stale = False
         for device_id, (_, state) in {**directory, **self._pending_states}.items():
-            self.nearby_index.update(device_id, state.lat, state.lon, state.ts_ms, state.h3)
+            if state.accepted:
+                self.nearby_index.update(device_id, state.lat, state.lon, state.ts_ms, state.h3)
 
     def _due_now(self) -> list[tuple[int, str]]:
         """(partition, device) pairs whose alert deadline has passed; rebuilt from the store after a rebalance."""
@@ -384,6 +397,23 @@ class PositionWorker:
         while self._deadlines and self._deadlines[0][0] <= now_ms:
             _, device_id, partition = heapq.heappop(self._deadlines)
             due[device_id] = partition  # the pipeline re-reads the state and skips ones no longer due
+        return [(partition, device_id) for device_id, partition in due.items()]
+
+    def _held_due_now(self) -> list[tuple[int, str]]:
+        """(partition, device) pairs whose held fixes have waited the reorder window (rebuilt with the alert
+        deadlines after a rebalance)."""
+        if self.pipeline is None or not self.pipeline.filters.reorder_window_ms:
+            return []
+        recovery = self.app.tables.recovery
+        if not recovery.completed.is_set() or recovery.in_recovery:
+            return []
+        if self._deadlines_stale:
+            self._rebuild_deadlines()
+        now_ms = int(time.time() * 1000)
+        due: dict[str, int] = {}
+        while self._held_deadlines and self._held_deadlines[0][0] <= now_ms:
+            _, device_id, partition = heapq.heappop(self._held_deadlines)
+            due[device_id] = partition
         return [(partition, device_id) for device_id, partition in due.items()]
 
     def _rebuild_deadlines(self) -> None:
@@ -406,6 +436,21 @@ class PositionWorker:
                 deadlines.append((signal.alerts.due_ms, device_id, partition))
         heapq.heapify(deadlines)
         self._deadlines = deadlines
+        self._held_deadlines = []
+        window_ms = self.pipeline.filters.reorder_window_ms if self.pipeline is not None else 0
+        if window_ms:
+            held: list[tuple[int, str, int]] = []
+            for key, value in self.state.items():
+                if not value or b'"held"' not in value:
+                    continue
+                partition = key_partition(topic, key).partition
+                if partition in active:
+                    state = DeviceState.from_dict(orjson.loads(value))
+                    due = state.held.due_ms(window_ms) if state.held is not None else None
+                    if due is not None:
+                        held.append((due, state.device_id, partition))
+            heapq.heapify(held)
+            self._held_deadlines = held
         self._deadlines_stale = False
 
     def device_signals(self, device_id: str) -> DeviceSignals | None:
@@ -438,12 +483,12 @@ class PositionWorker:
         """The newest state of a device this worker owns (in flight included), or None."""
         self._ensure_directory()
         entry = self._pending_states.get(device_id) or self.directory.get(device_id)
-        return entry[1] if entry is not None else None
+        return entry[1] if entry is not None and entry[1].accepted else None
 
     def local_states(self) -> list[DeviceState]:
         self._ensure_directory()
         merged = {**self.directory, **self._pending_states}
-        return [state for _, state in merged.values()]
+        return [state for _, state in merged.values() if state.accepted]
 
     def nearby(self, lat: float, lon: float, radius_m: float, limit: int) -> list[tuple[DeviceState, float]]:
         """Local devices within ``radius_m`` of a point, nearest first, ties by id (exact haversine over the

@@ -28,11 +28,11 @@ from fleetstream.codecs import (
 )
 from fleetstream.config import Settings
 from fleetstream.domain.alerts import Alert, AlertEngine, DeviceAlertState
-from fleetstream.domain.filters import FilterConfig, batch_order
+from fleetstream.domain.filters import FilterConfig, Held, ReorderBuffer, batch_order, intrinsic_reason
 from fleetstream.domain.geoindex import GeofenceIndex
-from fleetstream.domain.models import DeviceState, Position, Telemetry
+from fleetstream.domain.models import DeviceState, FilterReason, Position, Telemetry
 from fleetstream.domain.signals import DeviceSignals
-from fleetstream.domain.tracking import Enrichment, TrackingConfig, step_position
+from fleetstream.domain.tracking import Enrichment, TrackingConfig, filtered_enrichment, step_position
 from fleetstream.domain.transitions import (
     GeofenceEvent,
     TransitionDefaults,
@@ -261,15 +261,13 @@ class PositionPipeline:
         else:
             index = None
             inside = [()] * len(accepted)
-        events_topic = self.settings.geofence_events_topic
 
         states = out.new_states
-        enriched_topic = self.settings.enriched_topic
-        copartitioned = self.copartitioned
-        tracking = self.tracking
         read_state = self.state.get
-        emit = out.records.append
-        publish_filtered = self.publish_filtered
+        step_one = self._step_one
+        window_ms = self.filters.reorder_window_ms
+        looked_up = {(r.partition, r.offset, i): f for (r, i, _), f in zip(accepted, inside, strict=True)} \
+            if window_ms else None
         for (record, item_index, fix), fences in zip(accepted, inside, strict=True):
             device_id = fix.device_id
             cached = states.get(device_id) or pending.get(device_id)
@@ -278,36 +276,112 @@ class PositionPipeline:
                 previous = DeviceState.from_dict(orjson.loads(raw)) if raw else None
             else:
                 previous = cached[1]
-            new_state, enrichment = step_position(previous, fix, tracking, now_ms, fences)
-            if enrichment.filtered is None:
-                assert new_state is not None
-                if fences != new_state.geofences:
-                    new_state = new_state._replace(geofences=fences)
-                events: list[GeofenceEvent] = []
-                if index is not None or new_state.fences:
-                    new_state, events = self._transitions(
-                        out, record, previous, new_state, fix, fences, index, events_topic
-                    )
-                states[device_id] = (record.partition, new_state)
-                if engine is not None:
-                    self._alerts_on_position(out, record, engine, signals, new_state, enrichment, fix, events)
-                if enrichment.closed:
-                    self._emit_trips(out, record, enrichment.closed)
-            else:
-                out.filtered[enrichment.filtered] += 1
-                if not publish_filtered:
-                    continue
-            value = dumps(enriched_dict(record, item_index, fix, enrichment, fences))
-            emit(OutRecord(enriched_topic, record.key, value, record.partition if copartitioned else None))
-        out.enriched = len(accepted) if publish_filtered else len(accepted) - sum(out.filtered.values())
+            if not window_ms:
+                new_state = step_one(out, record, item_index, fix, fences, previous, index, engine, signals, now_ms)
+                if new_state is not None:
+                    states[device_id] = (record.partition, new_state)
+                continue
+            self._reorder(out, record, item_index, fix, previous, index, engine, signals, now_ms, looked_up)
         out.fix_ts_ms = [fix.ts_ms for _, _, fix in accepted]
+        self._write_states(out)
 
-        for device_id, (partition, state) in states.items():
+    def _write_states(self, out: BatchOutput) -> None:
+        for device_id, (partition, state) in out.new_states.items():
             key = device_id.encode()
             value = dumps(state.to_dict())
             out.state_writes.append((partition, key, value))
             out.records.append(OutRecord(self.changelog_topic, key, value, partition))
-            self.stats.devices.add(device_id)
+            if state.accepted:
+                self.stats.devices.add(device_id)
+
+    def _step_one(
+        self, out: BatchOutput, record: InRecord, item_index: int, fix: Position, fences: tuple[str, ...],
+        previous: DeviceState | None, index: GeofenceIndex | None, engine: AlertEngine | None,
+        signals: _SignalsCursor, now_ms: int,
+    ) -> DeviceState | None:
+        """One fix through the filters, tracking, geofence transitions, alerts and trips; its enriched record out.
+        Returns the device's new state, or None when the fix changed nothing."""
+        accepted_previous = previous if previous is not None and previous.accepted else None
+        new_state, enrichment = step_position(accepted_previous, fix, self.tracking, now_ms, fences)
+        stored = None
+        if enrichment.filtered is None:
+            assert new_state is not None
+            if fences != new_state.geofences:
+                new_state = new_state._replace(geofences=fences)
+            if previous is not None and previous.held is not None and new_state.held is not previous.held:
+                new_state = new_state._replace(held=previous.held)
+            events: list[GeofenceEvent] = []
+            if index is not None or new_state.fences:
+                new_state, events = self._transitions(
+                    out, record, accepted_previous, new_state, fix, fences, index, self.settings.geofence_events_topic
+                )
+            stored = new_state
+            if engine is not None:
+                self._alerts_on_position(out, record, engine, signals, new_state, enrichment, fix, events)
+            if enrichment.closed:
+                self._emit_trips(out, record, enrichment.closed)
+        else:
+            out.filtered[enrichment.filtered] += 1
+            if not self.publish_filtered:
+                return None
+        out.enriched += 1
+        value = dumps(enriched_dict(record, item_index, fix, enrichment, fences))
+        out.records.append(OutRecord(self.settings.enriched_topic, record.key, value,
+                                     record.partition if self.copartitioned else None))
+        return stored
+
+    def _reorder(
+        self, out: BatchOutput, record: InRecord, item_index: int, fix: Position, previous: DeviceState | None,
+        index: GeofenceIndex | None, engine: AlertEngine | None, signals: _SignalsCursor, now_ms: int,
+        looked_up: dict[tuple[int, int, int], tuple[str, ...]] | None,
+    ) -> None:
+        """``reorder_window_s`` > 0: hold the fix in the device's buffer (kept in its changelogged state) and step
+        what the buffer releases, in time order; fixes older than one already released are ``late``."""
+        window_ms = self.filters.reorder_window_ms
+        reason = intrinsic_reason(fix, self.filters, now_ms)  # a future fix must not become the buffer's watermark
+        if reason is not None:
+            self._emit_filtered(out, record, item_index, fix, previous, reason)
+            return
+        buffer = previous.held if previous is not None and previous.held is not None else ReorderBuffer()
+        buffer, released, late = buffer.push(fix, now_ms, window_ms, [record.partition, record.offset, item_index])
+        for held in late:
+            self._emit_filtered(out, record, item_index, held.fix, previous, FilterReason.LATE.value)
+        self._release(out, fix.device_id, record.partition, previous, buffer, released, index, engine, signals,
+                      now_ms, looked_up)
+
+    def _release(
+        self, out: BatchOutput, device_id: str, partition: int, previous: DeviceState | None, buffer: ReorderBuffer,
+        released: Sequence[Held], index: GeofenceIndex | None, engine: AlertEngine | None, signals: _SignalsCursor,
+        now_ms: int, looked_up: dict[tuple[int, int, int], tuple[str, ...]] | None,
+    ) -> None:
+        state = previous
+        for held in released:
+            src_partition, offset, item_index = held.source
+            source = InRecord(self.settings.positions_topic, src_partition, offset, device_id.encode(), None)
+            fences = looked_up.get((src_partition, offset, item_index)) if looked_up is not None else None
+            if fences is None:  # held over from an earlier batch
+                fences = index.lookup_one(held.fix.lat, held.fix.lon) if index is not None else ()
+            new_state = self._step_one(out, source, item_index, held.fix, fences, state, index, engine, signals,
+                                       now_ms)
+            if new_state is not None:
+                state = new_state
+        if state is None or not state.accepted:
+            state = DeviceState.holding(device_id, buffer) if state is None else state._replace(held=buffer)
+        else:
+            state = state._replace(held=buffer if buffer.held or buffer.max_ts is not None else None)
+        out.new_states[device_id] = (partition, state)
+
+    def _emit_filtered(self, out: BatchOutput, record: InRecord, item_index: int, fix: Position,
+                       state: DeviceState | None, reason: str) -> None:
+        out.filtered[reason] += 1
+        if not self.publish_filtered:
+            return
+        accepted = state if state is not None and state.accepted else None
+        enrichment = filtered_enrichment(accepted, fix, reason, self.tracking)
+        out.enriched += 1
+        value = dumps(enriched_dict(record, item_index, fix, enrichment, ()))
+        out.records.append(OutRecord(self.settings.enriched_topic, record.key, value,
+                                     record.partition if self.copartitioned else None))
 
     def _alerts_on_position(
         self, out: BatchOutput, record: InRecord, engine: AlertEngine, signals: _SignalsCursor, state: DeviceState,
@@ -355,24 +429,49 @@ class PositionPipeline:
 
     def tick(
         self, due: Sequence[tuple[int, str]], pending_signals: Mapping[str, tuple[int, DeviceSignals]] | None = None,
-        now_ms: int | None = None,
+        now_ms: int | None = None, held_due: Sequence[tuple[int, str]] = (),
+        pending: Mapping[str, tuple[int, DeviceState]] | None = None,
     ) -> BatchOutput:
-        """Timer work: the alert engine's deadlines (offline devices, durations met on held values, schedule
-        boundaries) for the ``(partition, device)`` pairs due by now."""
+        """Timer work for the ``(partition, device)`` pairs due by now: the alert engine's deadlines (offline
+        devices, durations met on held values, schedule boundaries) and, with a reorder window, fixes held for
+        the whole window (a device gone silent must not keep them forever)."""
         out = BatchOutput()
         engine = self.alert_engine()
-        if engine is None or not due:
+        if engine is not None and not len(engine.ruleset):
+            engine = None
+        if not due and not held_due:
             return out
         now_ms = self.clock_ms() if now_ms is None else now_ms
         signals = _SignalsCursor(self, out, pending_signals or {})
-        for partition, device_id in due:
-            current = signals.get(partition, device_id)
-            if current is None or current.alerts is None:
-                continue
-            after, alerts = engine.tick(current.alerts, device_id, now_ms)
-            if after is not current.alerts:
-                signals.put(partition, device_id, current, alerts=after)
-            self._emit_alerts(out, partition, alerts)
+        window_ms = self.filters.reorder_window_ms
+        if held_due and window_ms:
+            index = self.geofences()
+            index = index if index is not None and len(index) else None
+            pending = pending or {}
+            for partition, device_id in held_due:
+                cached = pending.get(device_id)
+                if cached is None:
+                    raw = self.state.get(partition, device_id.encode())
+                    previous = DeviceState.from_dict(orjson.loads(raw)) if raw else None
+                else:
+                    previous = cached[1]
+                if previous is None or previous.held is None:
+                    continue
+                buffer, released = previous.held.flush(now_ms, window_ms)
+                if released:
+                    self._release(out, device_id, partition, previous, buffer, released, index, engine, signals,
+                                  now_ms, None)
+            self._write_states(out)
+        if engine is not None:
+            for partition, device_id in due:
+                current = signals.get(partition, device_id)
+                if current is None or current.alerts is None:
+                    continue
+                after, alerts = engine.tick(current.alerts, device_id, now_ms)
+                if after is not current.alerts:
+                    signals.put(partition, device_id, current, alerts=after)
+                self._emit_alerts(out, partition, alerts)
+        signals.flush()
         for device_id, (partition, signal) in out.new_signals.items():
             key = device_id.encode()
             value = dumps(signal.to_json())
