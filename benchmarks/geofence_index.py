@@ -128,7 +128,8 @@ def main() -> None:
               f"STRtree per point {b:9,.0f} -> {g / b:5.1f}x / {c / b:5.1f}x")
     if len(summary) > 1:
         smallest, largest = min(summary), max(summary)
-        print(f"\nslowdown {largest:,} vs {smallest:,}: {summary[smallest][0] / summary[largest][0]:.2f}x (cells given), "
+        given = summary[smallest][0] / summary[largest][0]
+        print(f"\nslowdown {largest:,} vs {smallest:,}: {given:.2f}x (cells given), "
               f"{summary[smallest][1] / summary[largest][1]:.2f}x (computing cells)")
 
 
