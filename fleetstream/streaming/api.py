@@ -21,12 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import faust
 import h3
-import numpy as np
 from faust.web.exceptions import ServiceUnavailable
 
 from fleetstream.codecs import format_ts
 from fleetstream.config import Settings
-from fleetstream.domain.geo import EARTH_RADIUS_M
 from fleetstream.domain.geofences import geofence_to_feature
 from fleetstream.domain.models import DeviceState
 from fleetstream.domain.signals import DeviceSignals, active_alerts
@@ -110,14 +108,6 @@ def _float_param(query: Any, name: str, low: float, high: float, default: float 
     if not low <= value <= high:  # also refuses NaN
         raise BadRequest(f"{name}: {value} is outside {low}..{high}")
     return value
-
-
-def haversine_many(lat: float, lon: float, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
-    p1, p2 = np.radians(lat), np.radians(lats)
-    dphi = p2 - p1
-    dlmb = np.radians(lons - lon)
-    a = np.sin(dphi / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dlmb / 2) ** 2
-    return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.minimum(a, 1.0)))
 
 
 def filter_devices(

@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 from collections import ChainMap, Counter
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -364,20 +364,41 @@ class PositionWorker:
         self._deadlines.clear()
         self._deadlines_stale = True
 
-    def _ensure_directory(self) -> None:
+    def recovered(self) -> bool:
+        """Whether the assigned partitions' tables have been recovered (their stores are complete)."""
         recovery = self.app.tables.recovery
-        if not self._directory_stale or not recovery.completed.is_set() or recovery.in_recovery:
-            return
+        return recovery.completed.is_set() and not recovery.in_recovery
+
+    def _active_items(self, table: TableState) -> Iterator[tuple[int, bytes, bytes]]:
+        """(partition, key, value) of a table's records in this worker's active partitions (a memory store also
+        holds standby partitions: filtered out by the key's partition)."""
         topic = self.settings.positions_topic
         active = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic}
         key_partition = self.app.producer.key_partition
+        for key, value in table.items():
+            if value:
+                partition = key_partition(topic, key).partition
+                if partition in active:
+                    yield partition, key, value
+
+    @staticmethod
+    def _pop_due(heap: list[tuple[int, str, int]], now_ms: int) -> list[tuple[int, str]]:
+        """(partition, device) of the heap's entries due by ``now_ms``, once per device; the pipeline re-reads
+        each state and skips ones no longer due (entries go stale when a deadline moves)."""
+        due: dict[str, int] = {}
+        while heap and heap[0][0] <= now_ms:
+            _, device_id, partition = heapq.heappop(heap)
+            due[device_id] = partition
+        return [(partition, device_id) for device_id, partition in due.items()]
+
+    def _ensure_directory(self) -> None:
+        if not self._directory_stale or not self.recovered():
+            return
         directory: dict[str, tuple[int, DeviceState]] = {}
-        for key, value in self.state.items():  # standby partitions are filtered out below
-            partition = key_partition(topic, key).partition
-            if partition in active and value:
-                state = DeviceState.from_dict(orjson.loads(value))
-                if state.accepted:
-                    directory[state.device_id] = (partition, state)
+        for partition, _, value in self._active_items(self.state):
+            state = DeviceState.from_dict(orjson.loads(value))
+            if state.accepted:
+                directory[state.device_id] = (partition, state)
         directory.update(self.directory)  # states applied since the scan started are newer
         self.directory = directory
         self._directory_stale = False
@@ -387,47 +408,27 @@ class PositionWorker:
 
     def _due_now(self) -> list[tuple[int, str]]:
         """(partition, device) pairs whose alert deadline has passed; rebuilt from the store after a rebalance."""
-        recovery = self.app.tables.recovery
-        if self.signals is None or not recovery.completed.is_set() or recovery.in_recovery:
+        if self.signals is None or not self.recovered():
             return []
         if self._deadlines_stale:
             self._rebuild_deadlines()
-        now_ms = int(time.time() * 1000)
-        due: dict[str, int] = {}
-        while self._deadlines and self._deadlines[0][0] <= now_ms:
-            _, device_id, partition = heapq.heappop(self._deadlines)
-            due[device_id] = partition  # the pipeline re-reads the state and skips ones no longer due
-        return [(partition, device_id) for device_id, partition in due.items()]
+        return self._pop_due(self._deadlines, int(time.time() * 1000))
 
     def _held_due_now(self) -> list[tuple[int, str]]:
         """(partition, device) pairs whose held fixes have waited the reorder window (rebuilt with the alert
         deadlines after a rebalance)."""
         if self.pipeline is None or not self.pipeline.filters.reorder_window_ms:
             return []
-        recovery = self.app.tables.recovery
-        if not recovery.completed.is_set() or recovery.in_recovery:
+        if not self.recovered():
             return []
         if self._deadlines_stale:
             self._rebuild_deadlines()
-        now_ms = int(time.time() * 1000)
-        due: dict[str, int] = {}
-        while self._held_deadlines and self._held_deadlines[0][0] <= now_ms:
-            _, device_id, partition = heapq.heappop(self._held_deadlines)
-            due[device_id] = partition
-        return [(partition, device_id) for device_id, partition in due.items()]
+        return self._pop_due(self._held_deadlines, int(time.time() * 1000))
 
     def _rebuild_deadlines(self) -> None:
         assert self.signals is not None
-        topic = self.settings.positions_topic
-        active = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic}
-        key_partition = self.app.producer.key_partition
         deadlines = []
-        for key, value in self.signals.items():
-            if not value:
-                continue
-            partition = key_partition(topic, key).partition
-            if partition not in active:
-                continue
+        for partition, _, value in self._active_items(self.signals):
             signal = DeviceSignals.from_json(orjson.loads(value))
             if signal.alerts is not None and signal.alerts.due_ms is not None:
                 deadlines.append((signal.alerts.due_ms, signal.device_id, partition))
@@ -440,11 +441,8 @@ class PositionWorker:
         window_ms = self.pipeline.filters.reorder_window_ms if self.pipeline is not None else 0
         if window_ms:
             held: list[tuple[int, str, int]] = []
-            for key, value in self.state.items():
-                if not value or b'"held"' not in value:
-                    continue
-                partition = key_partition(topic, key).partition
-                if partition in active:
+            for partition, _, value in self._active_items(self.state):
+                if b'"held"' in value:
                     state = DeviceState.from_dict(orjson.loads(value))
                     due = state.held.due_ms(window_ms) if state.held is not None else None
                     if due is not None:
@@ -468,14 +466,10 @@ class PositionWorker:
         """Telemetry and alert state of every device in this worker's active partitions."""
         if self.signals is None:
             return []
-        topic = self.settings.positions_topic
-        active = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic}
-        key_partition = self.app.producer.key_partition
         found: dict[str, DeviceSignals] = {}
-        for key, value in self.signals.items():
-            if value and key_partition(topic, key).partition in active:
-                signal = DeviceSignals.from_json(orjson.loads(value))
-                found[signal.device_id] = signal
+        for _, _, value in self._active_items(self.signals):
+            signal = DeviceSignals.from_json(orjson.loads(value))
+            found[signal.device_id] = signal
         found.update({device_id: entry[1] for device_id, entry in self._pending_signals.items()})
         return list(found.values())
 
@@ -688,8 +682,7 @@ def create_app(
     @app.page("/ready")
     async def ready(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
         """Ready once the worker has started (geofences loaded) and its tables have recovered."""
-        recovery = app.tables.recovery
-        recovered = recovery.completed.is_set() and not recovery.in_recovery
+        recovered = worker.recovered()
         started = worker.pipeline is not None
         body = {"status": "ready" if started and recovered else "starting", "started": started,
                 "tables_recovered": recovered}

@@ -227,11 +227,7 @@ class PositionPipeline:
         if positions:
             self._positions(positions, out, pending or {}, engine, signals, now_ms)
         signals.flush()
-        for device_id, (partition, signal) in out.new_signals.items():
-            key = device_id.encode()
-            value = dumps(signal.to_json())
-            out.signal_writes.append((partition, key, value))
-            out.records.append(OutRecord(self.signals_changelog_topic, key, value, partition))
+        self._write_signals(out)
         return out
 
     def _positions(
@@ -263,7 +259,6 @@ class PositionPipeline:
             inside = [()] * len(accepted)
 
         states = out.new_states
-        read_state = self.state.get
         step_one = self._step_one
         window_ms = self.filters.reorder_window_ms
         looked_up = {(r.partition, r.offset, i): f for (r, i, _), f in zip(accepted, inside, strict=True)} \
@@ -271,11 +266,7 @@ class PositionPipeline:
         for (record, item_index, fix), fences in zip(accepted, inside, strict=True):
             device_id = fix.device_id
             cached = states.get(device_id) or pending.get(device_id)
-            if cached is None:
-                raw = read_state(record.partition, device_id.encode())
-                previous = DeviceState.from_dict(orjson.loads(raw)) if raw else None
-            else:
-                previous = cached[1]
+            previous = cached[1] if cached is not None else self._stored_state(record.partition, device_id)
             if not window_ms:
                 new_state = step_one(out, record, item_index, fix, fences, previous, index, engine, signals, now_ms)
                 if new_state is not None:
@@ -284,6 +275,19 @@ class PositionPipeline:
             self._reorder(out, record, item_index, fix, previous, index, engine, signals, now_ms, looked_up)
         out.fix_ts_ms = [fix.ts_ms for _, _, fix in accepted]
         self._write_states(out)
+
+    def _stored_state(self, partition: int, device_id: str) -> DeviceState | None:
+        """A device's state as the table's store holds it (states in flight are the caller's to check first)."""
+        raw = self.state.get(partition, device_id.encode())
+        return DeviceState.from_dict(orjson.loads(raw)) if raw else None
+
+    def _write_signals(self, out: BatchOutput) -> None:
+        """The batch's new signals as changelog records (applied to the store once acknowledged)."""
+        for device_id, (partition, signal) in out.new_signals.items():
+            key = device_id.encode()
+            value = dumps(signal.to_json())
+            out.signal_writes.append((partition, key, value))
+            out.records.append(OutRecord(self.signals_changelog_topic, key, value, partition))
 
     def _write_states(self, out: BatchOutput) -> None:
         for device_id, (partition, state) in out.new_states.items():
@@ -450,11 +454,7 @@ class PositionPipeline:
             pending = pending or {}
             for partition, device_id in held_due:
                 cached = pending.get(device_id)
-                if cached is None:
-                    raw = self.state.get(partition, device_id.encode())
-                    previous = DeviceState.from_dict(orjson.loads(raw)) if raw else None
-                else:
-                    previous = cached[1]
+                previous = cached[1] if cached is not None else self._stored_state(partition, device_id)
                 if previous is None or previous.held is None:
                     continue
                 buffer, released = previous.held.flush(now_ms, window_ms)
@@ -472,11 +472,7 @@ class PositionPipeline:
                     signals.put(partition, device_id, current, alerts=after)
                 self._emit_alerts(out, partition, alerts)
         signals.flush()
-        for device_id, (partition, signal) in out.new_signals.items():
-            key = device_id.encode()
-            value = dumps(signal.to_json())
-            out.signal_writes.append((partition, key, value))
-            out.records.append(OutRecord(self.signals_changelog_topic, key, value, partition))
+        self._write_signals(out)
         return out
 
     def _emit_trips(self, out: BatchOutput, record: InRecord, closed: Sequence[TrackEvent]) -> None:
@@ -546,18 +542,18 @@ class _SignalsCursor:
 
     def get(self, partition: int, device_id: str) -> DeviceSignals | None:
         cached = self.new.get(device_id) or self.pending.get(device_id)
-        if cached is not None:
-            signals = cached[1]
-        elif self.reader is None:
-            return None
-        else:
-            raw = self.reader.get(partition, device_id.encode())
-            signals = DeviceSignals.from_json(orjson.loads(raw)) if raw else None
+        signals = cached[1] if cached is not None else self._stored(partition, device_id)
         held = self.alerts.get(device_id)
         if held is not None:
             base = signals if signals is not None else DeviceSignals(device_id)
             return base._replace(alerts=held[1])
         return signals
+
+    def _stored(self, partition: int, device_id: str) -> DeviceSignals | None:
+        if self.reader is None:
+            return None
+        raw = self.reader.get(partition, device_id.encode())
+        return DeviceSignals.from_json(orjson.loads(raw)) if raw else None
 
     def put(self, partition: int, device_id: str, current: DeviceSignals | None, **changes: object) -> None:
         base = current if current is not None else DeviceSignals(device_id)
@@ -581,11 +577,7 @@ class _SignalsCursor:
         for device_id in self.changed:
             partition, state = self.alerts[device_id]
             cached = self.new.get(device_id) or self.pending.get(device_id)
-            if cached is not None:
-                base = cached[1]
-            else:
-                raw = self.reader.get(partition, device_id.encode()) if self.reader is not None else None
-                base = DeviceSignals.from_json(orjson.loads(raw)) if raw else DeviceSignals(device_id)
+            base = cached[1] if cached is not None else self._stored(partition, device_id) or DeviceSignals(device_id)
             self.new[device_id] = (partition, base._replace(alerts=state))
         self.changed.clear()
 
