@@ -1152,6 +1152,64 @@ class AlertEngine:
         return self._finish(state, plan, rules, new_rules, ts_ms, values.get("motion"), device_id, alerts,
                             watch, _UNKNOWN if due_full else rules_due), alerts
 
+    def on_positions(self, state: DeviceAlertState | None, device_id: str,
+                     fixes: Sequence[tuple[int, Mapping[str, Any], tuple[str, ...], Sequence[FenceEventLike]]]
+                     ) -> tuple[DeviceAlertState | None, list[Alert]]:
+        """A run of one device's accepted fixes ``(ts_ms, values, geofences, geofence_events)``, in order: the
+        same states and alerts as calling :meth:`on_position` for each, cheaper. Most fixes change nothing but
+        the time last seen (every value inside its watch interval, same geofences, no events, no deadline due):
+        those only move two locals, and one state is built at the end instead of one per fix."""
+        alerts: list[Alert] = []
+        plan = self._plans.get(device_id) or self._plan(device_id)
+        key = self.key
+        last_seen = motion = None
+        dirty = False  # last_seen/motion moved on from ``state``'s
+        for item in fixes:
+            ts_ms, values, geofences, events = item
+            if state is not None and not (events and plan.fences) and state.offline is None \
+                    and state.ruleset_key == key:
+                watch = state.watch
+                if watch is not None and watch[3] is plan and geofences == watch[0]:
+                    if not dirty:
+                        last_seen, motion = state.last_seen_ms, state.motion
+                    rules_due = state.rules_due_ms
+                    due = rules_due if last_seen is None or not plan.offline else \
+                        _min(rules_due, last_seen + plan.min_offline_ms)  # type: ignore[operator]
+                    if due is None or due > ts_ms:
+                        get = values.get
+                        for name, lo, hi, _, _, _, _ in watch[2]:
+                            v = get(name)
+                            if v is not None and not lo <= v <= hi:
+                                break
+                        else:  # quiet: only the time last seen and the motion move on
+                            if not plan.offline:
+                                last_seen = None
+                            elif last_seen is None or ts_ms > last_seen:
+                                last_seen = ts_ms
+                            motion = get("motion") if plan.needs_motion else None
+                            dirty = True
+                            continue
+            if dirty:
+                state = self._moved_on(state, plan, last_seen, motion)  # type: ignore[arg-type]
+                dirty = False
+            state, new = self.on_position(state, device_id, ts_ms, values, geofences, events)
+            alerts.extend(new)
+        if dirty:
+            state = self._moved_on(state, plan, last_seen, motion)  # type: ignore[arg-type]
+        return state, alerts
+
+    def _moved_on(self, state: DeviceAlertState, plan: _Plan, last_seen: int | None, motion: Any
+                  ) -> DeviceAlertState | None:
+        """``state`` with a new time last seen and motion (what :meth:`on_position`'s common case returns)."""
+        if state.rules is None and last_seen is None and motion is None:
+            return None
+        if last_seen == state.last_seen_ms and motion == state.motion:
+            return state
+        rules_due = state.rules_due_ms
+        offline_due = last_seen + plan.min_offline_ms if plan.offline and last_seen is not None else None  # type: ignore[operator]
+        return _new_state(DeviceAlertState, (self.key, last_seen, _min(rules_due, offline_due), rules_due,
+                                             state.rules, None, motion, state.watch))
+
     def on_telemetry(self, state: DeviceAlertState | None, device_id: str, ts_ms: int, metrics: Mapping[str, float]
                      ) -> tuple[DeviceAlertState | None, list[Alert]]:
         """One telemetry message (``{name: number}``); its metrics count as samples at ``ts_ms``."""

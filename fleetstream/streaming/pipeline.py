@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import orjson
@@ -221,7 +221,7 @@ class PositionPipeline:
         engine = self.alert_engine()
         if engine is not None and not len(engine.ruleset):
             engine = None
-        signals = _SignalsCursor(self, out, pending_signals or {})
+        signals = _SignalsCursor(self, out, pending_signals or {}, engine)
         if len(positions) != len(records):
             self._telemetry([r for r in records if r.topic == telemetry_topic], out, engine, signals, now_ms)
         if positions:
@@ -321,7 +321,7 @@ class PositionPipeline:
                 )
             stored = new_state
             if engine is not None:
-                self._alerts_on_position(out, record, engine, signals, new_state, enrichment, fix, events)
+                self._alerts_on_position(record, signals, new_state, enrichment, fix, events)
             if enrichment.closed:
                 self._emit_trips(out, record, enrichment.closed)
         else:
@@ -388,11 +388,11 @@ class PositionPipeline:
                                      record.partition if self.copartitioned else None))
 
     def _alerts_on_position(
-        self, out: BatchOutput, record: InRecord, engine: AlertEngine, signals: _SignalsCursor, state: DeviceState,
-        enrichment: Enrichment, fix: Position, events: Sequence[GeofenceEvent],
+        self, record: InRecord, signals: _SignalsCursor, state: DeviceState, enrichment: Enrichment, fix: Position,
+        events: Sequence[GeofenceEvent],
     ) -> None:
-        device_id = fix.device_id
-        before = signals.alert_state(record.partition, device_id)
+        """Queue the fix for the alert engine: a device's fixes of one batch go to it as one run (see
+        ``AlertEngine.on_positions``), when something reads the device's alert state or at the batch's end."""
         values = {
             "lat": fix.lat, "lon": fix.lon, "speed_kmh": enrichment.speed_kmh, "heading_deg": enrichment.heading_deg,
             "odometer_m": enrichment.odometer_m, "motion": enrichment.motion, "accuracy_m": fix.accuracy_m,
@@ -401,11 +401,7 @@ class PositionPipeline:
         # the geofences the device is confirmed inside (anti-flapping applied), not the raw index answer
         memberships = state.fences
         confirmed = tuple(sorted(f for f, m in memberships.items() if m.inside)) if memberships else ()
-        after, alerts = engine.on_position(before, device_id, fix.ts_ms, values, confirmed, events)
-        if after is not before:
-            signals.set_alert_state(record.partition, device_id, after)
-        if alerts:
-            self._emit_alerts(out, record.partition, alerts)
+        signals.add_fix(record.partition, fix.device_id, (fix.ts_ms, values, confirmed, events))
 
     def _telemetry(
         self, records: Sequence[InRecord], out: BatchOutput, engine: AlertEngine | None, signals: _SignalsCursor,
@@ -446,7 +442,7 @@ class PositionPipeline:
         if not due and not held_due:
             return out
         now_ms = self.clock_ms() if now_ms is None else now_ms
-        signals = _SignalsCursor(self, out, pending_signals or {})
+        signals = _SignalsCursor(self, out, pending_signals or {}, engine)
         window_ms = self.filters.reorder_window_ms
         if held_due and window_ms:
             index = self.geofences()
@@ -526,21 +522,55 @@ class PositionPipeline:
         return OutRecord(self.settings.deadletter_topic, record.key, value, None)
 
 
+# (ts_ms, values, confirmed geofences, geofence events): one fix as AlertEngine.on_positions takes it
+_QueuedFix = tuple[int, dict[str, Any], tuple[str, ...], Sequence[GeofenceEvent]]
+
+
 class _SignalsCursor:
     """Reads a device's signals (this batch's, then in flight, then the store) and records new ones.
 
     Alert states that change on every fix (an offline rule's last-seen time) are kept aside per device and folded
-    into the device's signals once, at the end of the batch (``flush``)."""
+    into the device's signals once, at the end of the batch (``flush``). A device's fixes wait in a run for the
+    alert engine until its alert state is read (``get``, ``put``) or the batch ends: one engine call per device
+    and batch instead of one per fix, in the same order as one per fix."""
 
     def __init__(self, pipeline: PositionPipeline, out: BatchOutput,
-                 pending: Mapping[str, tuple[int, DeviceSignals]]) -> None:
+                 pending: Mapping[str, tuple[int, DeviceSignals]], engine: AlertEngine | None = None) -> None:
+        self.pipeline = pipeline
         self.reader = pipeline.signals
+        self.out = out
         self.new = out.new_signals
         self.pending = pending
+        self.engine = engine
         self.alerts: dict[str, tuple[int, DeviceAlertState | None]] = {}
         self.changed: set[str] = set()
+        self.runs: dict[str, tuple[int, list[_QueuedFix]]] = {}
+
+    def add_fix(self, partition: int, device_id: str, item: _QueuedFix) -> None:
+        run = self.runs.get(device_id)
+        if run is None:
+            self.runs[device_id] = (partition, [item])
+        else:
+            run[1].append(item)
+
+    def _settle(self, device_id: str) -> None:
+        """Run the device's queued fixes through the engine."""
+        partition, items = self.runs.pop(device_id)
+        held = self.alerts.get(device_id)
+        if held is not None:
+            before = held[1]
+        else:
+            signals = self.get(partition, device_id)
+            before = signals.alerts if signals is not None else None
+        after, alerts = self.engine.on_positions(before, device_id, items)  # type: ignore[union-attr]
+        self.alerts[device_id] = (partition, after)
+        if after is not before:
+            self.changed.add(device_id)
+        self.pipeline._emit_alerts(self.out, partition, alerts)
 
     def get(self, partition: int, device_id: str) -> DeviceSignals | None:
+        if device_id in self.runs:
+            self._settle(device_id)
         cached = self.new.get(device_id) or self.pending.get(device_id)
         signals = cached[1] if cached is not None else self._stored(partition, device_id)
         held = self.alerts.get(device_id)
@@ -556,24 +586,15 @@ class _SignalsCursor:
         return DeviceSignals.from_json(orjson.loads(raw)) if raw else None
 
     def put(self, partition: int, device_id: str, current: DeviceSignals | None, **changes: object) -> None:
+        """``current`` must have been read with ``get`` (which settled the device's queued fixes)."""
         base = current if current is not None else DeviceSignals(device_id)
         self.new[device_id] = (partition, base._replace(**changes) if changes else base)
         self.alerts.pop(device_id, None)
-
-    def alert_state(self, partition: int, device_id: str) -> DeviceAlertState | None:
-        held = self.alerts.get(device_id)
-        if held is not None:
-            return held[1]
-        signals = self.get(partition, device_id)
-        state = signals.alerts if signals is not None else None
-        self.alerts[device_id] = (partition, state)
-        return state
-
-    def set_alert_state(self, partition: int, device_id: str, state: DeviceAlertState | None) -> None:
-        self.alerts[device_id] = (partition, state)
-        self.changed.add(device_id)
+        self.changed.discard(device_id)
 
     def flush(self) -> None:
+        for device_id in list(self.runs):
+            self._settle(device_id)
         for device_id in self.changed:
             partition, state = self.alerts[device_id]
             cached = self.new.get(device_id) or self.pending.get(device_id)

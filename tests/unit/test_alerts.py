@@ -796,3 +796,63 @@ def test_the_precomputed_fast_path_matches_calling_every_rule(steps):
         slow = play(engine_for_mixed(), steps)
     assert fast.alerts == slow.alerts
     assert (fast.state.to_json() if fast.state else None) == (slow.state.to_json() if slow.state else None)
+
+
+def play_in_runs(engine, steps, split_every=0):
+    """``play`` with each run of consecutive fixes handed to ``on_positions`` at once (what the worker does with
+    a device's fixes in one batch); ``split_every`` > 0 cuts runs after that many fixes."""
+    d = Device(engine, "truck-1")
+    t, inside, odometer = EVENING, set(), 0.0
+    run: list = []
+
+    def flush():
+        if run:
+            d._keep(engine.on_positions(d.state, d.device_id, list(run)))
+            run.clear()
+
+    for step in steps:
+        t += step[1] * 1000
+        if step[0] == "fix":
+            _, _, speed, fences, metres = step
+            odometer += metres
+            events = [FenceEvent("exit", f, t) for f in sorted(inside - fences)] + \
+                     [FenceEvent("enter", f, t) for f in sorted(fences - inside)]
+            inside = set(fences)
+            values = {"speed_kmh": float(speed), "odometer_m": odometer, "lat": 53.4, "lon": -2.98,
+                      "motion": "moving" if speed > 2 else "stopped"}
+            run.append((t, values, tuple(sorted(fences)), events))
+            if split_every and len(run) >= split_every:
+                flush()
+            continue
+        flush()
+        if step[0] == "tele":
+            if step[2]:
+                d.tele(t, **step[2])
+        else:
+            d.tick(t)
+    flush()
+    d.tick(t + 2 * H)
+    return d
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps_strategy, st.integers(0, 4))
+def test_a_run_of_fixes_at_once_gives_what_one_call_per_fix_gives(steps, split_every):
+    one_by_one = play(engine_for_mixed(), steps)
+    in_runs = play_in_runs(engine_for_mixed(), steps, split_every)
+    assert in_runs.alerts == one_by_one.alerts
+    assert (in_runs.state.to_json() if in_runs.state else None) == \
+        (one_by_one.state.to_json() if one_by_one.state else None)
+
+
+def test_a_quiet_run_of_fixes_builds_one_state_and_moves_last_seen_to_its_newest_fix():
+    engine = make_engine({"id": "silent", "kind": "offline", "after": "10m"},
+                         {"id": "fast", "kind": "overspeed", "limit_kmh": 100})
+    state, _ = engine.on_position(None, "van-1", 1_000, {"speed_kmh": 40.0, "motion": "moving"})
+    run = [(1_000 + i * 5_000, {"speed_kmh": 40.0 + i, "motion": "moving"}, (), ()) for i in range(1, 30)]
+    after, alerts = engine.on_positions(state, "van-1", run)
+    assert alerts == []
+    assert after.last_seen_ms == run[-1][0]
+    assert after.due_ms == run[-1][0] + 10 * M
+    fast, alerts = engine.on_positions(after, "van-1", [(run[-1][0] + 1_000, {"speed_kmh": 130.0}, (), ())])
+    assert fast.last_seen_ms == run[-1][0] + 1_000 and fast.rules  # the overspeed run started
