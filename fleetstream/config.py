@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
+from fleetstream.domain.aggregation import WindowSpec
+
 ENV_PREFIX = "FLEETSTREAM_"
 
 
@@ -66,6 +68,11 @@ class Settings:
     trips_topic: str = _opt("fleet.trips", "Output: trips and stops when they close (key device_id)")
     alerts_topic: str = _opt("fleet.alerts", "Output: alerts raised and cleared (key subject id)")
     rules_topic: str = _opt("fleet.rules", "Compacted: alert rules (key rule id)")
+    cells_topic: str = _opt("fleet.cells", "Output: final statistics per H3 cell and window (key cell)")
+    cell_partials_topic: str = _opt(
+        "fleet.cells.partials", "Internal: each partition's part of a cell's window and the partitions' "
+        "watermarks, merged by the worker owning the cell (same partition count as the positions topic)"
+    )
     # --- processing --------------------------------------------------------------------------------------
     h3_resolution: int = _opt(9, "Primary H3 resolution written to enriched fixes", min=0, max=15)
     h3_extra_resolutions: tuple[int, ...] = _opt((), "Extra H3 resolutions (comma separated)", min=0, max=15)
@@ -118,6 +125,29 @@ class Settings:
         1.0, "How often the worker checks timers (offline devices, held fixes, timed alert conditions)", min=0.05
     )
     max_geofence_vertices: int = _opt(10_000, "Geofences with more vertices are refused", min=4)
+    # --- aggregation (event-time windows) ----------------------------------------------------------------
+    aggregation_enabled: bool = _opt(
+        True, "Windowed statistics per H3 cell (to the cells topic), per geofence and for the fleet"
+    )
+    aggregation_resolutions: tuple[int, ...] = _opt((7, 8), "H3 resolutions cells are aggregated at", min=0, max=15)
+    aggregation_window_s: float = _opt(60.0, "Window size, seconds of event time", min=0.001)
+    aggregation_step_s: float = _opt(0.0, "Hopping windows: a window starts every this many seconds (0: tumbling)",
+                                     min=0)
+    aggregation_grace_s: float = _opt(
+        10.0, "Fixes up to this late (behind the partition's newest event time) still update their window", min=0
+    )
+    aggregation_retention_s: float = _opt(3600.0, "How long closed windows stay queryable (event time)", min=0)
+    aggregation_interim_s: float = _opt(
+        0.0, "Also publish interim (final=false) values of open windows at most this often, in event time "
+        "(0: final values only)", min=0,
+    )
+    aggregation_idle_s: float = _opt(
+        30.0, "A partition with no input for this long (wall time) stops holding back the closing of windows",
+        min=0.1,
+    )
+    fleet_offline_after_s: float = _opt(
+        600.0, "The fleet summary (GET /fleet) counts a device offline when its last fix is older than this", min=1
+    )
     # --- storage and serving ------------------------------------------------------------------------------
     data_dir: str = _opt("fleetstream-data", "Directory for table storage (RocksDB) and worker state")
     table_store: str = _opt(
@@ -143,6 +173,22 @@ class Settings:
         for server in self.bootstrap_servers:
             if not re.fullmatch(r"[\w.\-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}", server):
                 raise SettingsError(f"broker: {self.broker!r} is not kafka://host:port[,host:port]")
+        if self.aggregation_enabled:
+            if not self.aggregation_resolutions:
+                raise SettingsError("aggregation_resolutions: give at least one resolution (or turn aggregation off)")
+            if max(self.aggregation_resolutions) > self.h3_resolution:
+                raise SettingsError(
+                    f"aggregation_resolutions: {max(self.aggregation_resolutions)} is finer than h3_resolution "
+                    f"{self.h3_resolution} (cells are aggregated from the fixes' cells)")
+            try:
+                self.window_spec()
+            except ValueError as exc:
+                raise SettingsError(f"aggregation_window_s / step / grace / retention: {exc}") from exc
+
+    def window_spec(self) -> WindowSpec:
+        """The aggregation windows these settings describe."""
+        return WindowSpec(self.aggregation_window_s, self.aggregation_step_s or None, self.aggregation_grace_s,
+                          self.aggregation_retention_s)
 
     @property
     def bootstrap_servers(self) -> list[str]:

@@ -868,6 +868,15 @@ class CellStatsStore:
             centre = self._centres[cell] = h3.api.basic_int.cell_to_latlng(cell)
         return centre
 
+    @property
+    def watermarks(self) -> dict[int, int]:
+        """The newest watermark recorded per source."""
+        return dict(self._watermarks)
+
+    def note_watermark(self, source: int, watermark_ms: int) -> None:
+        """Record a source's watermark without completing anything (``complete`` does, over every source)."""
+        self._watermarks[source] = max(self._watermarks.get(source, NO_WATERMARK), int(watermark_ms))
+
     def complete(self, source_watermarks: Mapping[int, int]) -> list[CellStats]:
         """Record each source's watermark; return, once, the merged value of every window that all of them have
         closed (``watermark >= end + grace``), in (start, resolution, cell) order."""

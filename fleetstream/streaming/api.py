@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from functools import wraps
 from pathlib import Path
@@ -23,11 +24,19 @@ import faust
 import h3
 from faust.web.exceptions import ServiceUnavailable
 
-from fleetstream.codecs import format_ts
+from fleetstream.codecs import format_ts, parse_ts
 from fleetstream.config import Settings
+from fleetstream.domain.aggregation import (
+    CellStats,
+    DistanceWindow,
+    GeofenceStats,
+    cells_geojson,
+    merge_geofence_stats,
+)
 from fleetstream.domain.geofences import geofence_to_feature
 from fleetstream.domain.models import DeviceState
 from fleetstream.domain.signals import DeviceSignals, active_alerts
+from fleetstream.streaming.aggregates import Aggregation, merge_windows_of
 
 if TYPE_CHECKING:
     from fleetstream.streaming.app import PositionWorker
@@ -38,6 +47,8 @@ MAX_LIMIT = 1000
 SEVERITIES = ("critical", "major", "minor", "warning", "info")
 DEFAULT_LIMIT = 100
 MAX_NEARBY_RADIUS_M = 500_000.0
+MAX_CELLS = 10_000  # cells per /cells page
+MAX_WINDOWS = 60  # windows of statistics per geofence or fleet answer, newest first
 OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
 
 Handler = Callable[..., Awaitable[Any]]
@@ -45,6 +56,10 @@ Handler = Callable[..., Awaitable[Any]]
 
 class BadRequest(Exception):
     """A request parameter the API cannot use; the message names it."""
+
+
+class Missing(Exception):
+    """What was asked for does not exist here (404); the message says what."""
 
 
 def device_view(state: DeviceState) -> dict[str, Any]:
@@ -131,7 +146,33 @@ def filter_devices(
     return out[:limit]
 
 
-def register_api(app: faust.App, worker: PositionWorker, settings: Settings, table: faust.Table) -> None:
+def _window_param(query: Any) -> int | None:
+    """``window``: a window's start as RFC 3339 or epoch milliseconds (absent: the latest window)."""
+    raw = query.get("window")
+    if raw is None:
+        return None
+    try:
+        return parse_ts(int(raw) if raw.lstrip("-").isdigit() else raw)
+    except (ValueError, TypeError):
+        raise BadRequest(f"window: expected a window start as RFC 3339 or epoch ms, got {raw!r}") from None
+
+
+def _bbox_param(query: Any) -> tuple[float, float, float, float] | None:
+    """``bbox=min_lat,min_lon,max_lat,max_lon`` (min_lon > max_lon: across the antimeridian)."""
+    raw = query.get("bbox")
+    if raw is None:
+        return None
+    try:
+        min_lat, min_lon, max_lat, max_lon = (float(v) for v in raw.split(","))
+    except ValueError:
+        raise BadRequest(f"bbox: expected min_lat,min_lon,max_lat,max_lon, got {raw!r}") from None
+    if not (-90 <= min_lat <= max_lat <= 90 and -180 <= min_lon <= 180 and -180 <= max_lon <= 180):
+        raise BadRequest(f"bbox: {raw!r} is not a box of latitudes -90..90 (min <= max) and longitudes -180..180")
+    return min_lat, min_lon, max_lat, max_lon
+
+
+def register_api(app: faust.App, worker: PositionWorker, settings: Settings, table: faust.Table,
+                 cells_table: faust.Table | None = None) -> None:
     """Add the query API's views to ``app``."""
     token = settings.api_token.encode()
 
@@ -151,6 +192,8 @@ def register_api(app: faust.App, worker: PositionWorker, settings: Settings, tab
                 return await handler(view, request, *args, **kwargs)
             except BadRequest as exc:
                 return json_error(view.web, 400, "bad_request", str(exc))
+            except Missing as exc:
+                return json_error(view.web, 404, "not_found", str(exc))
             except ServiceUnavailable:
                 return json_error(view.web, 503, "unavailable", "the group's partition assignment is not known yet")
 
@@ -295,15 +338,146 @@ def register_api(app: faust.App, worker: PositionWorker, settings: Settings, tab
             if fence is None:
                 return json_error(self.web, 404, "not_found", f"geofence {geofence_id!r} is not known")
 
-            def local() -> list[str]:
-                return sorted(s.device_id for s in worker.local_states() if geofence_id in s.geofences)
+            def local() -> dict[str, Any]:
+                aggregation = worker.aggregation
+                return {
+                    "inside": sorted(s.device_id for s in worker.local_states() if geofence_id in s.geofences),
+                    "windows": [list(w) for w in aggregation.local_geofence_windows(geofence_id)]
+                    if aggregation is not None else [],
+                }
 
-            inside = sorted(d for part in await gather(request, local) for d in part)
+            parts = await gather(request, local)
             if request.query.get("scope") == "local":
-                return self.json(inside)
+                return self.json(parts[0])
+            inside = sorted(d for part in parts for d in part["inside"])
+            windows = merge_windows_of((GeofenceStats(*w) for part in parts for w in part["windows"]),
+                                       key=lambda w: w.window_start_ms, merge=merge_geofence_stats)
             return self.json({
                 **geofence_summary(fence), "feature": geofence_to_feature(fence),
                 "occupancy": len(inside), "devices_inside": inside[:MAX_LIMIT],
+                "stats": [w.to_dict() for w in reversed(windows)][:MAX_WINDOWS],
+            })
+
+    def aggregation() -> Aggregation:
+        if worker.aggregation is None:
+            raise Missing("aggregation is off on this worker (aggregation_enabled)")
+        return worker.aggregation
+
+    def cell_param(cell: str) -> str:
+        if not h3.is_valid_cell(cell):
+            raise BadRequest(f"h3: {cell!r} is not an H3 cell")
+        if h3.get_resolution(cell) not in settings.aggregation_resolutions:
+            raise BadRequest(f"h3: resolution {h3.get_resolution(cell)} is not aggregated (aggregation_resolutions: "
+                             f"{', '.join(map(str, settings.aggregation_resolutions))})")
+        return cell
+
+    if cells_table is not None:
+        @app.page("/cells/{h3_cell}")
+        class CellView(faust.web.View):
+            @guarded
+            @app.table_route(table=cells_table, match_info="h3_cell")
+            async def get(self, request: faust.web.Request, h3_cell: str) -> faust.web.Response:
+                cell = cell_param(h3_cell)
+                window = _window_param(request.query)
+                partition = app.producer.key_partition(settings.cell_partials_topic, cell.encode()).partition
+                stats = aggregation().cell(partition, cell, window)
+                if stats is None:
+                    which = "any retained window" if window is None else f"the window starting {format_ts(window)}"
+                    return json_error(self.web, 404, "not_found", f"cell {cell} has no statistics for {which}")
+                return self.json(stats.to_dict())
+
+    @app.page("/cells")
+    class CellsView(faust.web.View):
+        @guarded
+        async def get(self, request: faust.web.Request) -> faust.web.Response:
+            query = request.query
+            resolution = _int_param(query, "resolution", max(settings.aggregation_resolutions), 0, 15)
+            if resolution not in settings.aggregation_resolutions:
+                raise BadRequest(f"resolution: {resolution} is not aggregated (aggregation_resolutions: "
+                                 f"{', '.join(map(str, settings.aggregation_resolutions))})")
+            bbox = _bbox_param(query)
+            window = _window_param(query)
+            limit = _int_param(query, "limit", MAX_LIMIT, 1, MAX_CELLS)
+            after = query.get("after")
+            as_geojson = query.get("format", "json")
+            if as_geojson not in ("json", "geojson"):
+                raise BadRequest(f"format: {as_geojson!r} is not json or geojson")
+
+            def local() -> dict[str, Any]:
+                agg = aggregation()
+                windows = agg.local_windows(resolution)
+                start = window if window is not None else (windows[-1] if windows else None)
+                found = agg.local_cells(resolution, start, bbox) if start is not None else []
+                found = [c for c in found if after is None or c.h3 > after]
+                found.sort(key=lambda c: c.h3)
+                return {"windows": windows, "cells": [c.to_json() for c in found[: limit + 1]]}
+
+            parts = await gather(request, local)
+            if query.get("scope") == "local":
+                return self.json(parts[0])
+            if window is None:  # the latest window any worker holds; ask again for it where it differs
+                latest = max((w for part in parts for w in part["windows"][-1:]), default=None)
+                if latest is not None and any(part["windows"][-1:] != [latest] for part in parts):
+                    window = latest
+                    parts = await gather(_with_window(request, latest), local)
+            cells = sorted((CellStats.from_json(c) for part in parts for c in part["cells"]), key=lambda c: c.h3)
+            cells = [c for c in cells if after is None or c.h3 > after]
+            page = cells[:limit]
+            next_after = page[-1].h3 if len(cells) > limit else None
+            if as_geojson == "geojson":
+                return self.json({**cells_geojson(page), "next_after": next_after})
+            return self.json({"resolution": resolution, "cells": [c.to_dict() for c in page], "next_after": next_after})
+
+    @app.page("/fleet")
+    class FleetView(faust.web.View):
+        @guarded
+        async def get(self, request: faust.web.Request) -> faust.web.Response:
+            now_ms = int(time.time() * 1000)
+            offline_ms = settings.fleet_offline_after_s * 1000
+
+            def local() -> dict[str, Any]:
+                motion: dict[str, int] = {}
+                online = offline = 0
+                for state in worker.local_states():
+                    motion[str(state.motion)] = motion.get(str(state.motion), 0) + 1
+                    if now_ms - state.ts_ms > offline_ms:
+                        offline += 1
+                    else:
+                        online += 1
+                rules = current_rules()
+                severities: dict[str, int] = {}
+                for signals in worker.local_signals():
+                    for rule_id, _, _ in active_alerts(signals.alerts, signals.device_id):
+                        rule = rules.get(rule_id) if rules is not None else None
+                        severity = str(rule.severity) if rule is not None else "unknown"
+                        severities[severity] = severities.get(severity, 0) + 1
+                agg = worker.aggregation
+                return {"online": online, "offline": offline, "motion": motion, "alerts": severities,
+                        "distance": [list(w) for w in agg.local_distance()] if agg is not None else []}
+
+            parts = await gather(request, local)
+            if request.query.get("scope") == "local":
+                return self.json(parts[0])
+            motion: dict[str, int] = {}
+            alerts = dict.fromkeys(SEVERITIES, 0)
+            for part in parts:
+                for key, count in part["motion"].items():
+                    motion[key] = motion.get(key, 0) + count
+                for key, count in part["alerts"].items():
+                    alerts[key] = alerts.get(key, 0) + count
+            distance = merge_windows_of(
+                (DistanceWindow(*w) for part in parts for w in part["distance"]), key=lambda w: w.window_start_ms,
+                merge=lambda ws: DistanceWindow(ws[0].window_start_ms, ws[0].window_end_ms,
+                                                sum(w.distance_m for w in ws), sum(w.fixes for w in ws),
+                                                all(w.final for w in ws)))
+            return self.json({
+                "devices": sum(p["online"] + p["offline"] for p in parts),
+                "online": sum(p["online"] for p in parts), "offline": sum(p["offline"] for p in parts),
+                "moving": motion.get("moving", 0), "stopped": motion.get("stopped", 0),
+                "motion_unknown": motion.get("unknown", 0), "active_alerts": alerts,
+                "distance": [{"window_start": format_ts(w.window_start_ms), "window_end": format_ts(w.window_end_ms),
+                              "distance_km": round(w.distance_m / 1000, 3), "fixes": w.fixes, "final": w.final}
+                             for w in reversed(distance)][:MAX_WINDOWS],
             })
 
     @app.page("/docs")
@@ -313,6 +487,11 @@ def register_api(app: faust.App, worker: PositionWorker, settings: Settings, tab
     @app.page("/openapi.yaml")
     async def openapi(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
         return web.text(OPENAPI_PATH.read_text(), content_type="application/yaml")
+
+
+def _with_window(request: faust.web.Request, window_ms: int) -> Any:
+    """The request with ``window`` set (to ask every worker for the same window)."""
+    return request.clone(rel_url=request.rel_url.update_query(window=str(window_ms)))
 
 
 def geofence_summary(fence: Any) -> dict[str, Any]:

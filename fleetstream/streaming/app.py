@@ -30,6 +30,7 @@ from fleetstream.domain.models import DeviceState
 from fleetstream.domain.nearby import NearbyIndex
 from fleetstream.domain.signals import DeviceSignals, active_alerts
 from fleetstream.observability.metrics import Metrics
+from fleetstream.streaming.aggregates import AGGREGATES_TABLE, CELL_STATS_TABLE, Aggregation
 from fleetstream.streaming.api import register_api
 from fleetstream.streaming.geofence_feed import GeofenceFeed
 from fleetstream.streaming.kafka import ssl_context
@@ -150,8 +151,11 @@ class PositionWorker:
     def __init__(
         self, app: faust.App, settings: Settings, table: faust.Table, metrics: Metrics | None = None,
         signals_table: faust.Table | None = None,
+        aggregate_tables: tuple[faust.Table, faust.Table] | None = None,
     ) -> None:
         self.app = app
+        self.aggregate_tables = tuple(TableState(t) for t in aggregate_tables) if aggregate_tables else None
+        self.aggregation: Aggregation | None = None
         self.metrics = metrics
         self.settings = settings
         self.state = TableState(table)
@@ -218,12 +222,20 @@ class PositionWorker:
                 await asyncio.wait_for(self.rules.ready.wait(), timeout=30)
             except TimeoutError:
                 log.warning("still loading alert rules before the first batch")
+        if self.aggregate_tables is not None:
+            rows, cells = self.aggregate_tables
+            self.aggregation = Aggregation(
+                self.settings, rows, cells, items=self._aggregate_items, sources=n_in,
+                active=lambda: self._active_partitions() if self.recovered() else (),
+            )
+            self.aggregation.changelogs = {AGGREGATES_TABLE: rows.table.changelog_topic_name,
+                                           CELL_STATS_TABLE: cells.table.changelog_topic_name}
         self.pipeline = PositionPipeline(
             self.settings, self.state, changelog_topic=self.state.table.changelog_topic_name,
             copartitioned=n_in == n_out, stats=self.stats, geofences=self.geofences.current,
             signals=self.signals,
             signals_changelog_topic=self.signals.table.changelog_topic_name if self.signals is not None else "",
-            alert_engine=self.alert_engine,
+            alert_engine=self.alert_engine, aggregation=self.aggregation,
         )
 
     def alert_engine(self) -> AlertEngine | None:
@@ -271,6 +283,8 @@ class PositionWorker:
         output = self.pipeline.tick(  # no await until its states are registered
             self._due_now(), self._pending_signals, held_due=self._held_due_now(), pending=self._pending_states,
         )
+        if self.aggregation is not None and self.recovered():
+            self.aggregation.on_timer(self._active_partitions(), output.records, output.agg_writes, output.on_acked)
         if output.records or output.state_writes:
             await self._emit(output, (), started)
 
@@ -328,6 +342,15 @@ class PositionWorker:
                 output.signal_writes,
                 {partition: found for (topic, partition), found in offsets.items() if topic == signals_changelog},
             )
+        if self.aggregate_tables is not None:
+            for writes, table_state in zip((output.agg_writes, output.cell_writes), self.aggregate_tables,
+                                           strict=True):
+                if writes:
+                    changelog_topic = table_state.table.changelog_topic_name
+                    table_state.apply(writes, {partition: found for (topic, partition), found in offsets.items()
+                                               if topic == changelog_topic})
+        for acknowledge in output.on_acked:
+            acknowledge()
         for device_id in output.new_signals:
             if self._pending_signal_seq.get(device_id) == seq:
                 del self._pending_signal_seq[device_id]
@@ -363,11 +386,29 @@ class PositionWorker:
         )
         self._deadlines.clear()
         self._deadlines_stale = True
+        if self.aggregation is not None:
+            self.aggregation.reset()
 
     def recovered(self) -> bool:
         """Whether the assigned partitions' tables have been recovered (their stores are complete)."""
         recovery = self.app.tables.recovery
         return recovery.completed.is_set() and not recovery.in_recovery
+
+    def _active_partitions(self) -> set[int]:
+        topic = self.settings.positions_topic
+        return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic}
+
+    def _aggregate_items(self, table_name: str) -> Iterator[tuple[int, bytes, bytes]]:
+        """(partition, key, value) of an aggregate table's records in the active partitions: their keys start
+        with the partition (``3/...``), not hashed to it."""
+        assert self.aggregate_tables is not None
+        table = self.aggregate_tables[0 if table_name == AGGREGATES_TABLE else 1]
+        active = self._active_partitions()
+        for key, value in table.items():
+            if value:
+                partition = int(key.split(b"/", 1)[0])
+                if partition in active:
+                    yield partition, key, value
 
     def _active_items(self, table: TableState) -> Iterator[tuple[int, bytes, bytes]]:
         """(partition, key, value) of a table's records in this worker's active partitions (a memory store also
@@ -587,6 +628,8 @@ class PositionWorker:
             m.batch_size.observe(output.messages)
             m.batch_seconds.observe(time.perf_counter() - started)
             m.last_input_timestamp.set(now)
+        if output.late_aggregate:
+            m.late_records.labels("cells").inc(output.late_aggregate)
         m.devices.set(len(self.directory) if not self._directory_stale else len(self.stats.devices))
 
 
@@ -617,8 +660,12 @@ def create_app(
         **faust_overrides,
     )
     # one agent reads positions and telemetry (co-partitioned by device): one writer per device's state
+    # (and the cell partials: stage 2 of the cell statistics, keyed by cell, co-partitioned like the tables)
+    input_topics = [settings.positions_topic, settings.telemetry_topic]
+    if settings.aggregation_enabled:
+        input_topics.append(settings.cell_partials_topic)
     inputs = app.topic(
-        settings.positions_topic, settings.telemetry_topic, key_type=bytes, value_type=bytes,
+        *input_topics, key_type=bytes, value_type=bytes,
         key_serializer="raw", value_serializer="raw", partitions=settings.partitions,
     )
     table = app.Table(
@@ -632,12 +679,19 @@ def create_app(
         DEVICE_SIGNALS_TABLE, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes,
         schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
     )
+    aggregate_tables = None
+    if settings.aggregation_enabled:  # stage-1 checkpoints per input partition, stage-2 cell windows per cell
+        aggregate_tables = tuple(app.Table(
+            name, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes,
+            schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
+        ) for name in (AGGREGATES_TABLE, CELL_STATS_TABLE))
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     # every series exists at zero before the first batch, so rate() and increase() see the first one
     metrics.prime_inputs((settings.positions_topic, settings.telemetry_topic))
     metrics.prime_outputs((settings.enriched_topic, settings.deadletter_topic, settings.geofence_events_topic,
-                           settings.alerts_topic))
-    worker = PositionWorker(app, settings, table, metrics if settings.metrics_enabled else None, signals_table)
+                           settings.alerts_topic, settings.cells_topic))
+    worker = PositionWorker(app, settings, table, metrics if settings.metrics_enabled else None, signals_table,
+                            aggregate_tables)
     app.fleetstream_worker = worker  # type: ignore[attr-defined]
 
     @app.task
@@ -654,7 +708,7 @@ def create_app(
         await worker.drain()
         worker.on_assignment_changed()
 
-    register_api(app, worker, settings, table)
+    register_api(app, worker, settings, table, aggregate_tables[1] if aggregate_tables else None)
 
     @app.timer(settings.timer_interval_s)
     async def timers() -> None:

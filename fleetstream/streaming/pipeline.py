@@ -30,7 +30,7 @@ from fleetstream.config import Settings
 from fleetstream.domain.alerts import Alert, AlertEngine, DeviceAlertState
 from fleetstream.domain.filters import FilterConfig, Held, ReorderBuffer, batch_order, intrinsic_reason
 from fleetstream.domain.geoindex import GeofenceIndex
-from fleetstream.domain.models import DeviceState, FilterReason, Position, Telemetry
+from fleetstream.domain.models import DeviceState, FilterReason, Motion, Position, Telemetry
 from fleetstream.domain.signals import DeviceSignals
 from fleetstream.domain.tracking import Enrichment, TrackingConfig, filtered_enrichment, step_position
 from fleetstream.domain.transitions import (
@@ -40,6 +40,7 @@ from fleetstream.domain.transitions import (
 )
 from fleetstream.domain.transitions import step as transition_step
 from fleetstream.domain.trips import TrackEvent
+from fleetstream.streaming.aggregates import Aggregation, BatchRows
 from fleetstream.streaming.output import OutRecord
 
 
@@ -79,6 +80,14 @@ class BatchOutput:
     alerts: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (rule, severity, state)
     deadlettered_by_topic: Counter[tuple[str, str]] = field(default_factory=Counter)  # (source topic, reason)
     trips: Counter[str] = field(default_factory=Counter)  # TripEvent / StopEvent closed
+    # aggregation: this batch's rows per input partition, the two aggregate tables' changelog writes, what to
+    # call once everything is acknowledged, late fixes/events and cell windows published
+    agg_rows: dict[int, BatchRows] = field(default_factory=dict)
+    agg_writes: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)
+    cell_writes: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)
+    on_acked: list[Callable[[], None]] = field(default_factory=list)
+    late_aggregate: int = 0
+    cells_published: int = 0
 
     def merge(self, other: BatchOutput) -> None:
         self.records.extend(other.records)
@@ -96,6 +105,11 @@ class BatchOutput:
         self.alerts.update(other.alerts)
         self.deadlettered_by_topic.update(other.deadlettered_by_topic)
         self.trips.update(other.trips)
+        self.agg_writes.extend(other.agg_writes)
+        self.cell_writes.extend(other.cell_writes)
+        self.on_acked.extend(other.on_acked)
+        self.late_aggregate += other.late_aggregate
+        self.cells_published += other.cells_published
 
 
 @dataclass(slots=True)
@@ -169,8 +183,10 @@ class PositionPipeline:
         signals: StateReader | None = None,
         signals_changelog_topic: str = "",
         alert_engine: Callable[[], AlertEngine | None] = lambda: None,
+        aggregation: Aggregation | None = None,
     ) -> None:
         self.settings = settings
+        self.aggregation = aggregation
         self.state = state
         self.signals = signals
         self.signals_changelog_topic = signals_changelog_topic
@@ -216,19 +232,39 @@ class PositionPipeline:
         writer owns each device)."""
         now_ms = self.clock_ms()
         out = BatchOutput(messages=len(records))
-        telemetry_topic = self.settings.telemetry_topic
-        positions = [r for r in records if r.topic != telemetry_topic]
+        telemetry_topic, partials_topic = self.settings.telemetry_topic, self.settings.cell_partials_topic
+        positions = [r for r in records if r.topic != telemetry_topic and r.topic != partials_topic]
         engine = self.alert_engine()
         if engine is not None and not len(engine.ruleset):
             engine = None
         signals = _SignalsCursor(self, out, pending_signals or {}, engine)
         if len(positions) != len(records):
             self._telemetry([r for r in records if r.topic == telemetry_topic], out, engine, signals, now_ms)
+            self._partials([r for r in records if r.topic == partials_topic], out, now_ms)
         if positions:
             self._positions(positions, out, pending or {}, engine, signals, now_ms)
         signals.flush()
         self._write_signals(out)
+        if self.aggregation is not None and out.agg_rows:
+            out.late_aggregate += self.aggregation.on_batch(out.agg_rows, out.records, out.agg_writes, out.on_acked)
         return out
+
+    def _partials(self, records: Sequence[InRecord], out: BatchOutput, now_ms: int) -> None:
+        """Stage 2 of the cell statistics (see :mod:`fleetstream.streaming.aggregates`)."""
+        if not records or self.aggregation is None:
+            return
+        by_partition: dict[int, list[dict[str, Any]]] = {}
+        for record in records:
+            try:
+                value = orjson.loads(record.value) if record.value else None
+                check_partial(value)
+            except ValueError as exc:  # written by workers, so a bug or a foreign producer: keep it, say why
+                error = DecodeError("internal_error", f"not an aggregation partial: {exc}"[:300])
+                out.records.append(self._deadletter(out, record, 0, error, now_ms))
+                continue
+            by_partition.setdefault(record.partition, []).append(value)
+        for partition, values in by_partition.items():
+            out.cells_published += self.aggregation.on_partials(partition, values, out.records, out.cell_writes)
 
     def _positions(
         self, records: Sequence[InRecord], out: BatchOutput, pending: Mapping[str, tuple[int, DeviceState]],
@@ -320,6 +356,20 @@ class PositionPipeline:
                     out, record, accepted_previous, new_state, fix, fences, index, self.settings.geofence_events_topic
                 )
             stored = new_state
+            if self.aggregation is not None:
+                rows = out.agg_rows.get(record.partition)
+                if rows is None:
+                    rows = out.agg_rows[record.partition] = BatchRows()
+                rows.cells.append(enrichment.h3)
+                rows.devices.append(fix.device_id)
+                rows.ts.append(fix.ts_ms)
+                rows.speeds.append(enrichment.speed_kmh)
+                rows.stopped.append(enrichment.motion is Motion.STOPPED)
+                rows.distances.append(enrichment.distance_m)
+                rows.offsets.append(record.offset)
+                if events:
+                    rows.events.extend(events)
+                    rows.event_offsets.extend([record.offset] * len(events))
             if engine is not None:
                 self._alerts_on_position(record, signals, new_state, enrichment, fix, events)
             if enrichment.closed:
@@ -601,6 +651,23 @@ class _SignalsCursor:
             base = cached[1] if cached is not None else self._stored(partition, device_id) or DeviceSignals(device_id)
             self.new[device_id] = (partition, base._replace(alerts=state))
         self.changed.clear()
+
+
+def check_partial(value: Any) -> None:
+    """Raise ValueError unless ``value`` is a stage-1 partial or watermark record (see aggregates.py)."""
+    if not isinstance(value, dict) or not isinstance(value.get("source"), int):
+        raise ValueError("expected an object with an integer source")
+    kind = value.get("type")
+    if kind == "partial":
+        stats = value.get("stats")
+        if not isinstance(stats, list) or len(stats) != 14 or not isinstance(stats[0], str):
+            raise ValueError("partial without cell statistics")
+    elif kind == "watermark":
+        if not (value.get("watermark_ms") is None or isinstance(value.get("watermark_ms"), int)) \
+                or not isinstance(value.get("idle"), bool):
+            raise ValueError("watermark without watermark_ms and idle")
+    else:
+        raise ValueError(f"unknown type {kind!r}")
 
 
 def alert_dict(alert: Alert) -> dict[str, object]:

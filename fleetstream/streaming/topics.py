@@ -35,6 +35,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.telemetry_topic, n),
         TopicSpec(settings.trips_topic, n),
         TopicSpec(settings.alerts_topic, n),
+        TopicSpec(settings.cells_topic, n),
+        TopicSpec(settings.cell_partials_topic, n),  # read by the positions agent: co-partitioned with its inputs
         TopicSpec(settings.rules_topic, 1, compacted=True),
         # one partition: read by every worker into a global table (FIELD-NOTES: GlobalTable needs 1)
         TopicSpec(settings.geofences_topic, 1, compacted=True),

@@ -104,6 +104,8 @@ def worker_settings(broker_url: str, prefix: str, tmp: Path, **overrides: object
         trips_topic=f"{prefix}.trips",
         alerts_topic=f"{prefix}.alerts",
         rules_topic=f"{prefix}.rules",
+        cells_topic=f"{prefix}.cells",
+        cell_partials_topic=f"{prefix}.cells.partials",
         web_port=(port := free_port()),
         advertised_url=f"http://127.0.0.1:{port}",
         data_dir=str(tmp / f"{prefix}-data"),
