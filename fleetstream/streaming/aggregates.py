@@ -12,9 +12,9 @@ Positions are partitioned by device, so no worker sees every fix of a cell. Henc
 2. **Per cell** (the same agent reads ``fleet.cells.partials``, co-partitioned with the positions topic): a
    :class:`CellStatsStore` per partition collects the partials and every source partition's watermark, and
    publishes each window to ``fleet.cells`` once, merged, when every source has closed it. A source with no
-   input for ``aggregation_idle_s`` says so and stops holding windows back (like Flink's idleness): its fixes
-   arriving later are still counted at stage 1 and in queries, but a window already published stays as it was.
-   Stored in the ``cell-stats`` table; served by ``GET /cells``.
+   input for ``aggregation_idle_s`` follows the others: its watermark moves up to the newest any source has
+   reported, closing its own windows (so its partials go out before stage 2 can complete them); its fixes that
+   arrive later than that are late. Stored in the ``cell-stats`` table; served by ``GET /cells``.
 
 Both stages are replay-safe (the domain's checkpoints skip input offsets already counted, and stage 2 upserts
 partials per source), so a crash at any point republishes at most identical values.
@@ -81,7 +81,8 @@ class SourceAggregates:
         self.cells = CellAggregator(spec, settings.aggregation_resolutions, interim_interval_s=interim)
         self.fences = GeofenceAggregator(spec)
         self.distance = DistanceAggregator(spec)
-        self.closed_fences: dict[int, list[GeofenceStats]] = {}
+        # closed windows, start -> geofence -> stats (a window emitted again after a restart replaces itself)
+        self.closed_fences: dict[int, dict[str, GeofenceStats]] = {}
         self.closed_distance: dict[int, DistanceWindow] = {}
         self._closed_writes: list[tuple[str, Any]] = []
         self.last_input_wall_ms = 0
@@ -110,7 +111,7 @@ class SourceAggregates:
                 continue
             kind, start = key.split(":")
             if kind == "fences":
-                agg.closed_fences[int(start)] = [GeofenceStats(*v) for v in value]
+                agg.closed_fences[int(start)] = {v[0]: GeofenceStats(*v) for v in value}
             else:
                 agg.closed_distance[int(start)] = DistanceWindow(*value)
         return agg
@@ -131,10 +132,11 @@ class SourceAggregates:
         partials = self.cells.advance(watermark_ms)
         changed = set()
         for stats in self.fences.advance(watermark_ms):
-            self.closed_fences.setdefault(stats.window_start_ms, []).append(stats)
+            self.closed_fences.setdefault(stats.window_start_ms, {})[stats.geofence_id] = stats
             changed.add(stats.window_start_ms)
         for start in sorted(changed):
-            self._closed_writes.append((f"fences:{start}", [list(s) for s in self.closed_fences[start]]))
+            window = self.closed_fences[start]
+            self._closed_writes.append((f"fences:{start}", [list(window[g]) for g in sorted(window)]))
         for window in self.distance.advance(watermark_ms):
             self.closed_distance[window.window_start_ms] = window
             self._closed_writes.append((f"distance:{window.window_start_ms}", list(window)))
@@ -168,7 +170,7 @@ class SourceAggregates:
 
     def geofence_windows(self, geofence_id: str) -> list[GeofenceStats]:
         """This partition's part of every window of a geofence: closed ones, then open ones (``final=False``)."""
-        out = [s for stats in self.closed_fences.values() for s in stats if s.geofence_id == geofence_id]
+        out = [window[geofence_id] for window in self.closed_fences.values() if geofence_id in window]
         for start in sorted(self.fences._acc):
             open_ = self.fences.peek(geofence_id, start)
             if open_ is not None:
@@ -189,18 +191,13 @@ class CellStage:
 
     def __init__(self, settings: Settings, store: CellStatsStore | None = None) -> None:
         self.store = store or CellStatsStore(settings.window_spec())
-        self.idle: set[int] = set()
 
-    def effective_watermarks(self, sources: int) -> dict[int, int] | None:
-        """Every source's watermark, idle sources counted as caught up; None until every source has spoken."""
+    def watermarks(self, sources: int) -> dict[int, int] | None:
+        """Every source's watermark, or None until each has sent one (an idle source sends the newest it knows
+        of, after closing its own windows: it never holds the others back for long, and never loses its fixes
+        by being taken as caught up before its partials are in)."""
         known = self.store.watermarks
-        if len(set(known) | self.idle) < sources:
-            return None
-        active = [wm for s, wm in known.items() if s not in self.idle] or list(known.values())  # (all idle)
-        if not active:
-            return None
-        top = max(active)
-        return {s: (top if s in self.idle else known[s]) for s in range(sources)}
+        return known if len(known) >= sources else None
 
 
 class Aggregation:
@@ -341,15 +338,10 @@ class Aggregation:
             source = int(value["source"])
             if value["type"] == "partial":
                 store.add([CellStats.from_json(value["stats"])], source)
-            else:
-                if value["idle"]:
-                    stage.idle.add(source)
-                else:
-                    stage.idle.discard(source)
-                if value["watermark_ms"] is not None:
-                    store.note_watermark(source, int(value["watermark_ms"]))
+            elif value["watermark_ms"] is not None:
+                store.note_watermark(source, int(value["watermark_ms"]))
         published = 0
-        marks = stage.effective_watermarks(self.sources)
+        marks = stage.watermarks(self.sources)
         if marks is not None:
             finals = store.complete(marks)
             for stats in finals:

@@ -24,7 +24,7 @@ import faust
 import h3
 from faust.web.exceptions import ServiceUnavailable
 
-from fleetstream.codecs import format_ts, parse_ts
+from fleetstream.codecs import DecodeError, format_ts, parse_ts
 from fleetstream.config import Settings
 from fleetstream.domain.aggregation import (
     CellStats,
@@ -153,7 +153,7 @@ def _window_param(query: Any) -> int | None:
         return None
     try:
         return parse_ts(int(raw) if raw.lstrip("-").isdigit() else raw)
-    except (ValueError, TypeError):
+    except (DecodeError, ValueError, TypeError):
         raise BadRequest(f"window: expected a window start as RFC 3339 or epoch ms, got {raw!r}") from None
 
 

@@ -148,6 +148,9 @@ def published(cluster: Cluster) -> dict[tuple[str, int], tuple[int, int, float, 
 def close_everything(cluster: Cluster, fixes, batch: int) -> None:
     """A fix far ahead on one partition, then idle time: every other partition follows and closes its windows."""
     last = max(f[1] for f in fixes)
+    cluster.wall += 3_000  # every partition idle (and saying so) before the closing fix
+    cluster.timer()
+    cluster.read_partials()
     cluster.batch(rows_for([("closer", last + 10 * WINDOW_MS, 51.5, -0.1, 1.0, len(fixes))]))
     for _ in range(4):
         cluster.read_partials()
