@@ -27,7 +27,11 @@ and is refined DEPTH levels: a cell is *interior* (kept, no geometry at lookup),
   planar terms (RFC 7946), whatever the geodesic shape of its hexagon.
 - Circles and corridors: by the geodesic distance d of the cell's centre: interior if d + reach <= radius,
   outside if d - reach > radius (reach = REACH x edge length).
+- Corridors are refined further, until cells are narrower than their half-width.
 - Pentagons are always mixed: they end as boundary cells, never interior or dropped.
+
+The band is a few finest cells wide, so at DEPTH 3 an average geofence keeps a few dozen to a hundred cells;
+jagged polygons (many short spikes) still leave a good share of their points to the exact test.
 
 Lookup: the batch's cells at every resolution present are searched at once in one sorted array of all cover
 cells (CSR lists of interior and boundary fence numbers per cell); boundary pairs get one vectorized exact test
@@ -37,7 +41,8 @@ ids only at the end: a point in exactly one geofence gets that fence's cached 1-
 cached by its set of fence numbers.
 
 The index is immutable: ``with_changes`` builds a new one (covering only new or reshaped geofences) for the
-worker to swap in whole.
+worker to swap in whole. Only the memory of answer tuples grows as lookups meet new sets of geofences (it is
+used from one thread, the worker's event loop).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ MAX_RESOLUTION = LOOKUP_RESOLUTION
 DEPTH = 3  # refinement levels below a geofence's start resolution (deeper: fewer exact tests, more cells)
 REACH = 1.25  # every point of a res-r cell's region is within REACH * edge(r) of its centre (1.14 measured)
 SAMPLE_STEP = 0.5  # polygon boundary samples every SAMPLE_STEP * edge(finest res) (a quarter edge to the nearest)
-BAND_FINER = 1  # the band is found at this many resolutions below the finest level (tighter band)
+BAND_FINER = 0  # the band is found at this many resolutions below the finest level (tighter band)
 SEED_RING = 2  # the start disk's radius (covers every region within one edge of the start point)
 M_PER_DEG = 111_320.0  # metres per degree, at least as long as any degree of latitude or longitude
 _EDGE_M = np.array([h3.average_hexagon_edge_length(r, "m") for r in range(16)])
@@ -119,11 +124,11 @@ def _children(cells: np.ndarray, res: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def _pack(fences: np.ndarray, cells: np.ndarray, res: np.ndarray) -> np.ndarray:
-    """One sortable uint64 per (fence number, cell) when each fence's cells share a resolution <= 11: the fence
-    number above the base cell and digits (7 + 3 * res <= 40 bits)."""
+    """One sortable uint64 per (fence number, cell) when each fence's cells share a resolution <= 12: the fence
+    number (< 2**21) above the base cell and digits (7 + 3 * res <= 43 bits)."""
     r = res.astype(np.uint64)
     digits = (cells >> (_U3 * (_U15 - r))) & ((_U1 << (np.uint64(7) + _U3 * r)) - _U1)
-    return (fences.astype(np.uint64) << np.uint64(40)) | digits
+    return (fences.astype(np.uint64) << np.uint64(43)) | digits
 
 
 def _centres(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,11 +148,17 @@ def _disks(cells: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return values, np.repeat(np.arange(len(cells)), np.diff(offsets))
 
 
-def _unique_pairs(fences: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _unique_pairs(fences: np.ndarray, cells: np.ndarray, res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (fence number, cell) pairs, sorted; ``res``: the resolution of each fence's cells."""
     if not len(cells):
         return fences, cells
-    order = np.lexsort((cells, fences))
-    fences, cells = fences[order], cells[order]
+    keys = _pack(fences, cells, res[fences])
+    _, first = np.unique(keys, return_index=True)
+    return fences[first], cells[first]
+
+
+def _drop_repeats(fences: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop pairs equal to the one before (samples along a ring fall in the same cell many times in a row)."""
     keep = np.ones(len(cells), dtype=bool)
     keep[1:] = (fences[1:] != fences[:-1]) | (cells[1:] != cells[:-1])
     return fences[keep], cells[keep]
@@ -316,6 +327,10 @@ def cover_fences(fences: Sequence[Geofence]) -> list[FenceCover]:
     huge = start < 0
     start = np.maximum(start, 0)
     fine = np.minimum(start + DEPTH, LOOKUP_RESOLUTION)
+    # corridors are narrow: their finest cells about their half-width, or they would be boundary cells only
+    corridor = shapes.kinds == 2
+    narrow = np.searchsorted(-_EDGE_M[: LOOKUP_RESOLUTION + 1], -shapes.radius[corridor], side="right")
+    fine[corridor] = np.minimum(np.maximum(fine[corridor], narrow), LOOKUP_RESOLUTION)
     numbers = np.arange(n)
 
     # seeds: the disk around the start cell, or every base cell
@@ -323,7 +338,7 @@ def cover_fences(fences: Sequence[Geofence]) -> list[FenceCover]:
     seed_cells, owner = _disks(_to_cells(lat[small], lon[small], start[small]), SEED_RING)
     cand_f = np.concatenate((small[owner], np.repeat(numbers[huge], len(_RES0_CELLS))))
     cand_c = np.concatenate((seed_cells, np.tile(_RES0_CELLS, int(huge.sum()))))
-    cand_f, cand_c = _unique_pairs(cand_f, cand_c)
+    cand_f, cand_c = _unique_pairs(cand_f, cand_c, start)
 
     # the band of every polygon: finest cells whose regions may touch its boundary
     poly = np.flatnonzero(shapes.kinds == 0)
@@ -334,14 +349,14 @@ def cover_fences(fences: Sequence[Geofence]) -> list[FenceCover]:
         rings = shapely.segmentize(shapely.boundary(shapes.geoms[poly]), step)
         coords, which = shapely.get_coordinates(rings, return_index=True)
         sample_f = poly[which]
-        sample_f, sample_c = _unique_pairs(sample_f, _to_cells(coords[:, 1], coords[:, 0], sample_res[sample_f]))
+        sample_f, sample_c = _drop_repeats(sample_f, _to_cells(coords[:, 1], coords[:, 0], sample_res[sample_f]))
         band_c, owner = _disks(sample_c, 1)
         band_f = sample_f[owner]
-        band_f, band_c = _unique_pairs(band_f, parent_cells(band_c, fine[band_f]))
+        band_f, band_c = _unique_pairs(band_f, parent_cells(band_c, fine[band_f]), fine)
 
     interior: list[tuple[np.ndarray, np.ndarray]] = []
     boundary: list[tuple[np.ndarray, np.ndarray]] = []
-    for level in range(DEPTH + 1):
+    for level in range(LOOKUP_RESOLUTION + 1):
         if not len(cand_f):
             break
         res = start[cand_f] + level
@@ -422,10 +437,7 @@ class GeofenceIndex:
         self._covers = covers
         self.ids = np.array([f.id for f in self.fences], dtype=object)
         self._shapes = _Shapes(self.fences)
-        # answers as tuples, built once: a point in exactly one geofence gets its 1-tuple, in none the last slot
-        self._singles = np.empty(len(self.fences) + 1, dtype=object)
-        self._singles[:] = [(f.id,) for f in self.fences] + [()]
-        self._multi: dict[tuple[int, ...], tuple[str, ...]] = {}
+        self._answers = AnswerSets(self.ids)
         self._cross = [(f.id, _candidate_polygon(f)) for f in self.fences if f.settings.cross]
         self.has_cross = bool(self._cross)
         self._build_table()
@@ -496,47 +508,20 @@ class GeofenceIndex:
         lons = np.asarray(lons, dtype=np.float64)
         if cells is None:
             cells = self.cells_for(lats, lons)
-        keys = parent_cells(np.asarray(cells, dtype=np.uint64)[None, :], self._res_column).ravel()
+        cells = np.asarray(cells, dtype=np.uint64)
+        order = np.argsort(cells, kind="stable")  # sorted keys: searchsorted resumes from the previous answer
+        keys = parent_cells(cells[order][None, :], self._res_column).ravel()
         table = self._cells
         pos = np.searchsorted(table, keys)
         pos[pos == len(table)] = 0
         found = np.flatnonzero(table[pos] == keys)
-        rows, points = pos[found], found % n
+        rows, points = pos[found], order[found % n]
         p, f = _expand(self._interior_ptr, self._interior, rows, points)
         bp, bf = _expand(self._boundary_ptr, self._boundary, rows, points)
         if len(bp):
             ok = self._shapes.test(bf, lats[bp], lons[bp])
             p, f = np.concatenate((p, bp[ok])), np.concatenate((f, bf[ok]))
-        return self._answers(n, p, f)
-
-    def _answers(self, n: int, points: np.ndarray, fences: np.ndarray) -> list[tuple[str, ...]]:
-        """Pairs to one tuple of sorted ids per point, from the cached tuples."""
-        none = len(self.fences)
-        code = np.full(n, none, dtype=np.int64)
-        if not len(points):
-            return self._singles[code].tolist()
-        code[points] = fences
-        counts = np.bincount(points, minlength=n)
-        several = counts > 1
-        if not several.any():
-            return self._singles[code].tolist()
-        code[several] = none
-        result = self._singles[code].tolist()
-        keep = several[points]
-        points, fences = points[keep], fences[keep]
-        order = np.lexsort((fences, points))  # fence numbers follow sorted ids, so ids come out sorted
-        points, fences = points[order], fences[order]
-        starts = np.flatnonzero(np.diff(points, prepend=-1))
-        bounds = np.append(starts, len(points)).tolist()
-        numbers = fences.tolist()
-        cache, ids = self._multi, self.ids
-        for i, point in enumerate(points[starts].tolist()):
-            key = tuple(numbers[bounds[i] : bounds[i + 1]])
-            answer = cache.get(key)
-            if answer is None:
-                answer = cache[key] = tuple(ids[list(key)].tolist())
-            result[point] = answer
-        return result
+        return self._answers.tuples(n, p, f)
 
     def lookup_one(self, lat: float, lon: float) -> tuple[str, ...]:
         return self.lookup(np.array([lat]), np.array([lon]))[0]
@@ -576,6 +561,81 @@ class GeofenceIndex:
         geoms = self._shapes.geoms
         coords = int(shapely.get_num_coordinates(geoms).sum()) if len(geoms) else 0
         return arrays + covers + coords * 16 + len(self.fences) * 500
+
+
+class AnswerSets:
+    """Turns (point, fence number) pairs into one tuple of sorted ids per point without a Python loop per
+    point: every set of fence numbers met gets a number and its tuple is built once. Set numbers: 0 the empty
+    set, f + 1 the set {f}; a bigger set is numbered by the pair (number of the set without its largest member,
+    that member), kept in sorted arrays so a batch resolves one member rank at a time with ``searchsorted``.
+    Sets learned during a batch are merged in at its end (a few per batch once warm); past ``limit`` sets the
+    memory starts again from the single sets."""
+
+    def __init__(self, ids: np.ndarray, limit: int = 1_000_000) -> None:
+        self._ids = ids.tolist()
+        self._bits = np.uint64(max(21, (len(self._ids) + 1).bit_length()))
+        self._limit = limit
+        self._reset()
+
+    def _reset(self) -> None:
+        self._keys = np.empty(0, dtype=np.uint64)  # (smaller set number << bits) | (member + 1), sorted
+        self._sets = np.empty(0, dtype=np.int64)  # the set number of each key
+        self._tuples = np.empty(len(self._ids) + 1 + 1024, dtype=object)
+        self._tuples[: len(self._ids) + 1] = [(), *((i,) for i in self._ids)]
+        self._count = len(self._ids) + 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def tuples(self, n: int, points: np.ndarray, fences: np.ndarray) -> list[tuple[str, ...]]:
+        """The sorted ids per point, from its (point, fence number) pairs (each pair at most once)."""
+        if self._count > self._limit:  # between batches, so no set number in use goes stale
+            self._reset()
+        sets = np.zeros(n, dtype=np.int64)
+        if len(points):
+            order = np.argsort(points.astype(np.int64) * (len(self._ids) + 1) + fences, kind="stable")
+            points, fences = points[order], fences[order]
+            starts = np.flatnonzero(np.diff(points, prepend=-1))
+            rank = np.arange(len(points)) - np.repeat(starts, np.diff(np.append(starts, len(points))))
+            sets[points[starts]] = fences[starts] + 1
+            member = 1
+            while True:
+                at = np.flatnonzero(rank == member)
+                if not len(at):
+                    break
+                p = points[at]
+                sets[p] = self._extend(sets[p], fences[at])
+                member += 1
+        return self._tuples[sets].tolist()
+
+    def _extend(self, smaller: np.ndarray, members: np.ndarray) -> np.ndarray:
+        """The numbers of the sets ``smaller`` + {member}, each member larger than the smaller set's."""
+        keys = (smaller.astype(np.uint64) << self._bits) | (members + 1).astype(np.uint64)
+        pos = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
+        known = self._keys[pos] == keys if len(self._keys) else np.zeros(len(keys), dtype=bool)
+        result = np.where(known, self._sets[pos] if len(self._keys) else 0, -1)
+        if known.all():
+            return result
+        new: dict[int, int] = {}
+        for i in np.flatnonzero(~known).tolist():
+            key = int(keys[i])
+            number = new.get(key)
+            if number is None:
+                if self._count >= len(self._tuples):
+                    grown = np.empty(2 * len(self._tuples), dtype=object)
+                    grown[: self._count] = self._tuples[: self._count]
+                    self._tuples = grown
+                number = new[key] = self._count
+                self._tuples[number] = self._tuples[int(smaller[i])] + (self._ids[int(members[i])],)
+                self._count += 1
+            result[i] = number
+        added = np.fromiter(new, dtype=np.uint64, count=len(new))
+        numbers = np.fromiter(new.values(), dtype=np.int64, count=len(new))
+        order = np.argsort(added)
+        at = np.searchsorted(self._keys, added[order])
+        self._keys = np.insert(self._keys, at, added[order])
+        self._sets = np.insert(self._sets, at, numbers[order])
+        return result
 
 
 def _csr(cells: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
