@@ -70,6 +70,7 @@ REACH = 1.25  # every point of a res-r cell's region is within REACH * edge(r) o
 SAMPLE_STEP = 0.5  # polygon boundary samples every SAMPLE_STEP * edge(finest res) (a quarter edge to the nearest)
 BAND_FINER = 0  # the band is found at this many resolutions below the finest level (tighter band)
 SEED_RING = 2  # the start disk's radius (covers every region within one edge of the start point)
+BUILD_CHUNK = 5_000  # geofences covered together (vectorized; bounds the build's temporary memory)
 M_PER_DEG = 111_320.0  # metres per degree, at least as long as any degree of latitude or longitude
 _EDGE_M = np.array([h3.average_hexagon_edge_length(r, "m") for r in range(16)])
 _RES_SHIFT = np.uint64(52)
@@ -316,7 +317,15 @@ class _Shapes:
 
 
 def cover_fences(fences: Sequence[Geofence]) -> list[FenceCover]:
-    """The covers of many geofences, built together (see the module docstring)."""
+    """The covers of many geofences, built together (see the module docstring), BUILD_CHUNK at a time so the
+    temporary arrays (boundary samples, grid disks) stay bounded."""
+    covers: list[FenceCover] = []
+    for i in range(0, len(fences), BUILD_CHUNK):
+        covers.extend(_cover_chunk(fences[i : i + BUILD_CHUNK]))
+    return covers
+
+
+def _cover_chunk(fences: Sequence[Geofence]) -> list[FenceCover]:
     n = len(fences)
     if n == 0:
         return []
