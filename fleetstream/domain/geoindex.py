@@ -1,25 +1,48 @@
 """GeofenceIndex: which geofences contain each of many points, answered in vectorized steps.
 
 Two phases, as in tile38: a broad phase over an H3 cover of every geofence, then an exact test only where the
-broad phase cannot decide.
+broad phase cannot decide. Everything below runs as numpy / shapely / h3ronpy calls over whole arrays (all
+geofences at once when building, a whole batch of points when looking up); nothing loops per point or per cell
+in Python.
 
-- Each geofence is covered with H3 cells at a resolution chosen from its size (about a few dozen cells). Cells
-  wholly inside the geofence are *interior*: a point in one is inside, no geometry needed. The rest are
-  *boundary* cells: a point in one gets the exact test. H3 edges are great-circle arcs while polygon edges are
-  straight in lon/lat (RFC 7946), so a cell counts as interior only if its hexagon, grown by a margin larger
-  than the arc-versus-chord gap, is inside the polygon; for circles and corridors every vertex must be inside
-  by the cell's circumradius plus 1 m (every point of a cell is that close to a vertex).
-- Points arrive as H3 cells at LOOKUP_RESOLUTION (11); the cell of every coarser resolution is derived with
-  bit operations on the 64-bit index (the parent keeps the leading digits), vectorized with numpy, and looked
-  up with ``searchsorted`` in per-resolution sorted arrays. H3's hierarchy is not exact: the descendants of a
-  cell stick out of its hexagon by up to about the size of its children (a point's derived coarse cell can be
-  a neighbour of the cell containing it). So interior cells get that much more margin, and the ring of
-  neighbours around the boundary cells catches derived cells just outside the overlap cover.
-- Exact tests: ``shapely.intersects_xy`` over prepared polygons (covers semantics: the boundary is inside),
-  haversine for circles, spherical cross-track distance for corridors.
+Regions. A point is looked up by its H3 cell at LOOKUP_RESOLUTION (11); its cell at a coarser resolution r is
+*derived* from that one with bit operations (keep the leading digits). So the set of points a res-r cell C
+answers for, its *region*, is the union of C's res-11 descendants, not C's hexagon: H3 children stick out of
+their parent. Two facts about regions carry the design, both checked against H3 by tests/unit/test_geoindex.py:
 
-The index is immutable: ``with_changes`` builds a new one (reusing the covers of unchanged geofences) for the
-worker to swap in whole.
+- every point of region(C) lies within REACH x (average edge length at r) of C's centre (children sit sqrt(3/7)
+  edges from the centre, so the overhang sums to about 1.05 edges, 1.14 measured with H3's cell-size spread);
+- a point's derived res-r cell is in the grid disk of radius 1 around the true res-r cell of any point within
+  a quarter edge of it, and in the disk of radius 2 around that of any point within one edge.
+
+Covers, built for all geofences at once. Each geofence starts from the radius-2 disk around the cell of its
+bounding-box centre at the finest resolution whose edge exceeds the box's half-diagonal (these regions cover it),
+and is refined DEPTH levels: a cell is *interior* (kept, no geometry at lookup), *outside* (dropped) or *mixed*
+(replaced by its 7 children; at the last level kept as a *boundary* cell that gets the exact test).
+
+- Polygons: the boundary rings are sampled every half edge of the finest level and each sample's cell grown by
+  one ring: this *band* holds every finest cell whose region touches the boundary. A cell none of whose
+  finest descendants is in the band has its whole region on one side of the boundary, and its centre (which
+  lies in its region) tells which: ``shapely.contains_xy``. So an interior cell is truly inside in lon/lat
+  planar terms (RFC 7946), whatever the geodesic shape of its hexagon.
+- Circles and corridors: by the geodesic distance d of the cell's centre: interior if d + reach <= radius,
+  outside if d - reach > radius (reach = REACH x edge length).
+- Corridors are refined further, until cells are narrower than their half-width.
+- Pentagons are always mixed: they end as boundary cells, never interior or dropped.
+
+The band is a few finest cells wide, so at DEPTH 3 an average geofence keeps a few dozen to a hundred cells;
+jagged polygons (many short spikes) still leave a good share of their points to the exact test.
+
+Lookup: the batch's cells at every resolution present are searched at once in one sorted array of all cover
+cells (CSR lists of interior and boundary fence numbers per cell); boundary pairs get one vectorized exact test
+per kind (``shapely.intersects_xy`` over prepared polygons, i.e. covers semantics; haversine for circles; great-
+circle cross-track distance for corridors). Results travel as (point, fence number) pairs and become tuples of
+ids only at the end: a point in exactly one geofence gets that fence's cached 1-tuple, a point in several a tuple
+cached by its set of fence numbers.
+
+The index is immutable: ``with_changes`` builds a new one (covering only new or reshaped geofences) for the
+worker to swap in whole. Only the memory of answer tuples grows as lookups meet new sets of geofences (it is
+used from one thread, the worker's event loop).
 """
 
 from __future__ import annotations
@@ -28,127 +51,118 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import arro3.core
 import h3
+import h3ronpy
 import numpy as np
 import shapely
 import shapely.ops
+from h3ronpy import vector as h3v
 from shapely.geometry import Polygon
 
 from fleetstream.domain.geo import EARTH_RADIUS_M, destination
 from fleetstream.domain.geofences import Geofence, GeofenceKind
 
-MIN_RESOLUTION = 2
-MAX_RESOLUTION = 11
-LOOKUP_RESOLUTION = MAX_RESOLUTION  # points are looked up by their cell at this resolution, and its parents
-CELLS_ACROSS = 6  # aim for cells about 1/6 of the geofence's extent (finer: more interior hits, slower builds)
-M_PER_DEG = 111_320.0
+LOOKUP_RESOLUTION = 11  # points are looked up by their cell at this resolution, and its parents
+MAX_RESOLUTION = LOOKUP_RESOLUTION
+DEPTH = 3  # refinement levels below a geofence's start resolution (deeper: fewer exact tests, more cells)
+REACH = 1.25  # every point of a res-r cell's region is within REACH * edge(r) of its centre (1.14 measured)
+SAMPLE_STEP = 0.5  # polygon boundary samples every SAMPLE_STEP * edge(finest res) (a quarter edge to the nearest)
+BAND_FINER = 0  # the band is found at this many resolutions below the finest level (tighter band)
+SEED_RING = 2  # the start disk's radius (covers every region within one edge of the start point)
+BUILD_CHUNK = 5_000  # geofences covered together (vectorized; bounds the build's temporary memory)
+M_PER_DEG = 111_320.0  # metres per degree, at least as long as any degree of latitude or longitude
+_EDGE_M = np.array([h3.average_hexagon_edge_length(r, "m") for r in range(16)])
 _RES_SHIFT = np.uint64(52)
 _RES_MASK = np.uint64(0xF) << _RES_SHIFT
-_latlng_to_cell_int = h3.api.basic_int.latlng_to_cell
+_BASE_SHIFT = np.uint64(45)
+_PENTAGON_BASES = np.array(sorted(h3.api.basic_int.get_base_cell_number(p) for p in h3.api.basic_int.get_pentagons(0)),
+                           dtype=np.uint64)
+_RES0_CELLS = np.array(sorted(h3.api.basic_int.get_res0_cells()), dtype=np.uint64)
+_KINDS = (GeofenceKind.POLYGON, GeofenceKind.CIRCLE, GeofenceKind.CORRIDOR)  # kind numbers used in arrays
+_U3, _U15, _U1 = np.uint64(3), np.uint64(15), np.uint64(1)
 
 
 @dataclass(frozen=True, slots=True)
 class FenceCover:
+    """One geofence's cells (uint64, of several resolutions): interior ones answer alone, boundary ones need the
+    exact test. ``resolution`` is the finest level."""
+
     resolution: int
-    interior: np.ndarray  # uint64 cells wholly inside
-    boundary: np.ndarray  # uint64 cells that need the exact test
+    interior: np.ndarray
+    boundary: np.ndarray
 
 
-def parent_cells(cells: np.ndarray, resolution: int) -> np.ndarray:
+def parent_cells(cells: np.ndarray, resolution: int | np.ndarray) -> np.ndarray:
     """Vectorized ``h3.cell_to_parent`` for cells at a finer resolution: set the resolution field and mark the
-    digits below it unused (all ones), as the H3 index layout defines."""
-    unused = np.uint64((1 << (3 * (15 - resolution))) - 1)
-    return (cells & ~_RES_MASK) | (np.uint64(resolution) << _RES_SHIFT) | unused
+    digits below it unused (all ones), as the H3 index layout defines. ``resolution`` broadcasts."""
+    res = np.asarray(resolution, dtype=np.uint64)
+    unused = (_U1 << (_U3 * (_U15 - res))) - _U1
+    return (cells & ~_RES_MASK) | (res << _RES_SHIFT) | unused
 
 
-def choose_resolution(fence: Geofence) -> int:
-    min_x, min_y, max_x, max_y = _candidate_polygon(fence).bounds
-    mid_lat = math.radians((min_y + max_y) / 2)
-    extent_m = max((max_y - min_y) * M_PER_DEG, (max_x - min_x) * M_PER_DEG * math.cos(mid_lat), 1.0)
-    target_edge_m = extent_m / CELLS_ACROSS
-    for res in range(MIN_RESOLUTION, MAX_RESOLUTION + 1):
-        if h3.average_hexagon_edge_length(res, "m") <= target_edge_m:
-            return res
-    return MAX_RESOLUTION
+def cell_resolutions(cells: np.ndarray) -> np.ndarray:
+    return ((cells & _RES_MASK) >> _RES_SHIFT).astype(np.int64)
 
 
-def _candidate_polygon(fence: Geofence) -> Polygon:
-    """A lon/lat polygon containing every point of the geofence (the shape itself, for polygons)."""
-    if fence.kind is GeofenceKind.POLYGON:
-        return fence.geometry  # type: ignore[return-value]
-    if fence.kind is GeofenceKind.CIRCLE:
-        lat, lon = fence.geometry.y, fence.geometry.x  # type: ignore[union-attr]
-        n = 48
-        reach = fence.radius_m / math.cos(math.pi / n) * 1.01 + 1.0  # chords stay outside the circle
-        ring = [destination(lat, lon, 360.0 * i / n, reach) for i in range(n)]
-        return Polygon([(p[1], p[0]) for p in ring])
-    max_lat = max(abs(y) for _, y in fence.geometry.coords)  # type: ignore[union-attr]
-    degrees = fence.radius_m * 1.02 / (M_PER_DEG * math.cos(math.radians(min(max_lat + 1, 89.0)))) + 1e-7
-    return fence.geometry.buffer(degrees, quad_segs=8)
+def _is_pentagon(cells: np.ndarray, res: np.ndarray) -> np.ndarray:
+    """Pentagons are the cells of the 12 pentagon base cells whose digits are all 0."""
+    r = res.astype(np.uint64)
+    digits = (cells >> (_U3 * (_U15 - r))) & ((_U1 << (_U3 * r)) - _U1)
+    return np.isin((cells >> _BASE_SHIFT) & np.uint64(0x7F), _PENTAGON_BASES) & (digits == 0)
 
 
-def cover_fence(fence: Geofence) -> FenceCover:
-    """The H3 cells covering a geofence, split into interior and boundary cells."""
-    res = choose_resolution(fence)
-    candidate = _candidate_polygon(fence)
-    shape = h3.geo_to_h3shape(shapely.geometry.mapping(candidate))
-    cells = set(h3.h3shape_to_cells_experimental(shape, res, contain="overlap"))
-    if not cells:  # smaller than a cell: the cell of its centre
-        point = candidate.representative_point()
-        cells = {h3.latlng_to_cell(point.y, point.x, res)}
-    interior = _interior_cells(fence, sorted(cells), res)
-    # Insurance against the geodesic/planar difference at the edge: the ring around the non-interior cells is
-    # tested too (cells outside simply fail the exact test).
-    edge = cells - interior
-    for cell in list(edge):
-        edge.update(h3.grid_disk(cell, 1))
-    edge -= interior
-    return FenceCover(
-        res,
-        np.array(sorted(h3.str_to_int(c) for c in interior), dtype=np.uint64),
-        np.array(sorted(h3.str_to_int(c) for c in edge), dtype=np.uint64),
-    )
+def _children(cells: np.ndarray, res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The children of every cell (res < 15), with the index of their parent; digit 1 does not exist below a
+    pentagon. Bit operations only, so a child's region is exactly its share of the parent's."""
+    shift = _U3 * (np.uint64(14) - res.astype(np.uint64))  # where the next digit goes
+    first = ((cells & ~_RES_MASK) | ((res + 1).astype(np.uint64) << _RES_SHIFT)) & ~(np.uint64(7) << shift)
+    digits = np.arange(7, dtype=np.uint64)
+    kids = first[:, None] | (digits[None, :] << shift[:, None])
+    keep = ~(_is_pentagon(cells, res)[:, None] & (digits[None, :] == _U1))
+    owner = np.broadcast_to(np.arange(len(cells))[:, None], kids.shape)
+    return kids[keep], owner[keep]
 
 
-def _hierarchy_slack_m(res: int) -> float:
-    """How far the LOOKUP_RESOLUTION descendants of a res ``res`` cell may reach beyond its hexagon."""
-    return 0.0 if res >= LOOKUP_RESOLUTION else 2.0 * h3.average_hexagon_edge_length(res + 1, "m")
+def _pack(fences: np.ndarray, cells: np.ndarray, res: np.ndarray) -> np.ndarray:
+    """One sortable uint64 per (fence number, cell) when each fence's cells share a resolution <= 12: the fence
+    number (< 2**21) above the base cell and digits (7 + 3 * res <= 43 bits)."""
+    r = res.astype(np.uint64)
+    digits = (cells >> (_U3 * (_U15 - r))) & ((_U1 << (np.uint64(7) + _U3 * r)) - _U1)
+    return (fences.astype(np.uint64) << np.uint64(43)) | digits
 
 
-def _interior_cells(fence: Geofence, cells: list[str], res: int) -> set[str]:
-    if not cells:
-        return set()
-    slack_m = _hierarchy_slack_m(res)
-    boundaries = [h3.cell_to_boundary(c) for c in cells]  # (lat, lon) vertices
-    hexes = [i for i, b in enumerate(boundaries) if len(b) == 6]  # the rare pentagons stay boundary cells
-    if not hexes:
-        return set()
-    verts = np.array([boundaries[i] for i in hexes], dtype=np.float64)  # (n, 6, 2) lat, lon
-    cells = [cells[i] for i in hexes]
-    if fence.kind is not GeofenceKind.POLYGON:
-        # Every point of a cell is within its circumradius of a vertex: inside if each vertex is that much
-        # (plus 1 m) inside the circle or corridor.
-        reach = h3.average_hexagon_edge_length(res, "m") * 1.5 + 1.0 + slack_m
-        if fence.kind is GeofenceKind.CIRCLE:
-            lat0, lon0 = fence.geometry.y, fence.geometry.x  # type: ignore[union-attr]
-            distance = _haversine_np(lat0, lon0, verts[..., 0], verts[..., 1])
-        else:
-            flat = corridor_distance_m(list(fence.geometry.coords), verts[..., 0].ravel(), verts[..., 1].ravel())
-            distance = flat.reshape(verts.shape[:2])
-        inside = (distance <= fence.radius_m - reach).all(axis=1)
-        return {c for c, ok in zip(cells, inside, strict=True) if ok}
-    edge_m = h3.average_hexagon_edge_length(res, "m")
-    lat = np.abs(verts[:, 0, 0])
-    # arc-vs-chord gap of an edge, grown for lon/lat distortion; at least 0.5 m; in degrees of longitude
-    gap_m = np.maximum(0.5, 2.0 * edge_m * edge_m / EARTH_RADIUS_M * (1.0 + np.tan(np.radians(np.minimum(lat, 85.0)))))
-    gap_m = gap_m + slack_m
-    margins = gap_m / (M_PER_DEG * np.cos(np.radians(np.minimum(lat + 1.0, 89.0))))
-    rings = np.concatenate([verts[:, :, ::-1], verts[:, :1, ::-1]], axis=1)  # (n, 7, 2) lon, lat, closed
-    hexagons = shapely.polygons(rings)
-    grown = shapely.buffer(hexagons, margins, quad_segs=1)
-    shapely.prepare(fence.geometry)
-    inside = shapely.contains(fence.geometry, grown)
-    return {c for c, ok in zip(cells, inside, strict=True) if ok}
+def _centres(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not len(cells):
+        return np.empty(0), np.empty(0)
+    batch = h3v.cells_to_coordinates(cells)
+    return np.asarray(batch.column("lat")), np.asarray(batch.column("lng"))
+
+
+def _disks(cells: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``grid_disk(cell, k)`` of every cell, flattened, with the index of the cell each came from."""
+    if not len(cells):
+        return np.empty(0, np.uint64), np.empty(0, np.int64)
+    disks = h3ronpy.grid_disk(cells, k, flatten=False)
+    offsets = np.asarray(arro3.core.list_offsets(disks)).astype(np.int64)
+    values = np.asarray(arro3.core.list_flatten(disks)).astype(np.uint64)
+    return values, np.repeat(np.arange(len(cells)), np.diff(offsets))
+
+
+def _unique_pairs(fences: np.ndarray, cells: np.ndarray, res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (fence number, cell) pairs, sorted; ``res``: the resolution of each fence's cells."""
+    if not len(cells):
+        return fences, cells
+    keys = _pack(fences, cells, res[fences])
+    _, first = np.unique(keys, return_index=True)
+    return fences[first], cells[first]
+
+
+def _drop_repeats(fences: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop pairs equal to the one before (samples along a ring fall in the same cell many times in a row)."""
+    keep = np.ones(len(cells), dtype=bool)
+    keep[1:] = (fences[1:] != fences[:-1]) | (cells[1:] != cells[:-1])
+    return fences[keep], cells[keep]
 
 
 def _haversine_np(lat1: float | np.ndarray, lon1: float | np.ndarray, lat2: np.ndarray, lon2: np.ndarray) -> np.ndarray:
@@ -192,37 +206,231 @@ def corridor_distance_m(line_coords: Sequence[tuple[float, float]], lats: np.nda
     return distance.min(axis=1) * EARTH_RADIUS_M
 
 
-@dataclass(frozen=True, slots=True)
-class _ResolutionTable:
-    """Cells of one resolution, sorted, with CSR lists of interior and boundary fence numbers per cell."""
-
-    resolution: int
-    cells: np.ndarray
-    interior_ptr: np.ndarray
-    interior: np.ndarray
-    boundary_ptr: np.ndarray
-    boundary: np.ndarray
-
-
-def _csr(cells: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((values, keys))
-    keys, values = keys[order], values[order]
-    counts = np.zeros(len(cells), dtype=np.int64)
-    if len(keys):
-        np.add.at(counts, np.searchsorted(cells, keys), 1)
-    ptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-    return ptr, values.astype(np.int32)
-
-
 def _expand(ptr: np.ndarray, data: np.ndarray, rows: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each (point, row) pair, one (point, value) pair per value stored in that CSR row."""
     starts = ptr[rows]
     counts = ptr[rows + 1] - starts
     total = int(counts.sum())
     if total == 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int32)
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=data.dtype)
     offsets = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(total)
     return np.repeat(points, counts), data[offsets]
+
+
+def _candidate_polygon(fence: Geofence) -> Polygon:
+    """A lon/lat polygon containing every point of the geofence (the shape itself, for polygons)."""
+    if fence.kind is GeofenceKind.POLYGON:
+        return fence.geometry  # type: ignore[return-value]
+    if fence.kind is GeofenceKind.CIRCLE:
+        lat, lon = fence.geometry.y, fence.geometry.x  # type: ignore[union-attr]
+        n = 48
+        reach = fence.radius_m / math.cos(math.pi / n) * 1.01 + 1.0  # chords stay outside the circle
+        ring = [destination(lat, lon, 360.0 * i / n, reach) for i in range(n)]
+        return Polygon([(p[1], p[0]) for p in ring])
+    return fence.geometry.buffer(_corridor_degrees(fence.geometry, fence.radius_m), quad_segs=8)
+
+
+def _corridor_degrees(line: shapely.LineString, radius_m: float) -> float:
+    """A corridor's half-width in degrees, generous (longitude degrees shrink towards the poles)."""
+    max_lat = max(abs(y) for _, y in line.coords)
+    return radius_m * 1.02 / (M_PER_DEG * math.cos(math.radians(min(max_lat + 1, 89.0)))) + 1e-7
+
+
+class _Shapes:
+    """The geofences as arrays for vectorized tests: kind numbers, prepared geometries, circle centres, radii
+    and every corridor segment (radians: lat1, lon1, lat2, lon2) in one table, CSR by fence number."""
+
+    def __init__(self, fences: Sequence[Geofence]) -> None:
+        self.kinds = np.array([_KINDS.index(f.kind) for f in fences], dtype=np.int8)
+        self.geoms = np.empty(len(fences), dtype=object)
+        self.geoms[:] = [f.geometry for f in fences]
+        if (self.kinds == 0).any():
+            shapely.prepare(self.geoms[self.kinds == 0])
+        self.radius = np.array([f.radius_m for f in fences], dtype=np.float64)
+        circles = self.kinds == 1
+        self.center = np.zeros((len(fences), 2))
+        if circles.any():
+            self.center[circles, 0] = shapely.get_y(self.geoms[circles])
+            self.center[circles, 1] = shapely.get_x(self.geoms[circles])
+        lines = np.flatnonzero(self.kinds == 2)
+        counts = np.zeros(len(fences), dtype=np.int64)
+        self.segs = np.empty((0, 4))
+        if len(lines):
+            coords, which = shapely.get_coordinates(self.geoms[lines], return_index=True)
+            rad = np.radians(coords)
+            same = which[1:] == which[:-1]  # consecutive vertices of one line
+            self.segs = np.column_stack((rad[:-1, 1], rad[:-1, 0], rad[1:, 1], rad[1:, 0]))[same]
+            counts[lines] = np.bincount(which[1:][same], minlength=len(lines))
+        self.seg_ptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+
+    def test(self, fences: np.ndarray, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
+        """Exact answer per (fence number, point) pair: covered (polygons), within the radius (others)."""
+        ok = np.zeros(len(fences), dtype=bool)
+        kinds = self.kinds[fences]
+        poly = kinds == 0
+        if poly.any():
+            ok[poly] = shapely.intersects_xy(self.geoms[fences[poly]], lons[poly], lats[poly])
+        other = ~poly
+        if other.any():
+            ok[other] = self.distance_m(fences[other], lats[other], lons[other]) <= self.radius[fences[other]]
+        return ok
+
+    def distance_m(self, fences: np.ndarray, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
+        """Geodesic distance from each point to its circle's centre or corridor's centre line."""
+        out = np.empty(len(fences))
+        kinds = self.kinds[fences]
+        circle = kinds == 1
+        if circle.any():
+            c = self.center[fences[circle]]
+            out[circle] = _haversine_np(c[:, 0], c[:, 1], lats[circle], lons[circle])
+        corridor = np.flatnonzero(kinds == 2)
+        if len(corridor):  # all (pair, segment) combinations at once, then the minimum per pair
+            pair, seg = _expand(self.seg_ptr, np.arange(len(self.segs)), fences[corridor], np.arange(len(corridor)))
+            s = self.segs[seg]
+            d = segment_distance_rad(s[:, 0], s[:, 1], s[:, 2], s[:, 3], np.radians(lats[corridor][pair]),
+                                     np.radians(lons[corridor][pair]))
+            starts = np.flatnonzero(np.diff(pair, prepend=-1))
+            out[corridor[pair[starts]]] = np.minimum.reduceat(d, starts) * EARTH_RADIUS_M
+        return out
+
+    def extents(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per geofence a centre (lat, lon) and a distance (m) from it that every point of the geofence is
+        within: the bounding box's centre and farthest corner (circles: centre and radius)."""
+        n = len(self.kinds)
+        bounds = np.zeros((n, 4))
+        poly, circle, corridor = self.kinds == 0, self.kinds == 1, self.kinds == 2
+        if poly.any():
+            bounds[poly] = shapely.bounds(self.geoms[poly])
+        if corridor.any():
+            lines = self.geoms[corridor]
+            grow = np.array([_corridor_degrees(g, r) for g, r in zip(lines, self.radius[corridor], strict=True)])
+            bounds[corridor] = shapely.bounds(lines) + grow[:, None] * np.array([-1, -1, 1, 1])
+        lat = (bounds[:, 1] + bounds[:, 3]) / 2
+        lon = (bounds[:, 0] + bounds[:, 2]) / 2
+        far = np.zeros(n)
+        for x, y in ((0, 1), (0, 3), (2, 1), (2, 3)):
+            far = np.maximum(far, _haversine_np(lat, lon, bounds[:, y], bounds[:, x]))
+        far = far * 1.02 + 1.0
+        lat[circle], lon[circle] = self.center[circle, 0], self.center[circle, 1]
+        far[circle] = self.radius[circle] * 1.001 + 1.0
+        return lat, lon, far
+
+
+def cover_fences(fences: Sequence[Geofence]) -> list[FenceCover]:
+    """The covers of many geofences, built together (see the module docstring), BUILD_CHUNK at a time so the
+    temporary arrays (boundary samples, grid disks) stay bounded."""
+    covers: list[FenceCover] = []
+    for i in range(0, len(fences), BUILD_CHUNK):
+        covers.extend(_cover_chunk(fences[i : i + BUILD_CHUNK]))
+    return covers
+
+
+def _cover_chunk(fences: Sequence[Geofence]) -> list[FenceCover]:
+    n = len(fences)
+    if n == 0:
+        return []
+    shapes = _Shapes(fences)
+    lat, lon, far = shapes.extents()
+    # the finest resolution whose edge exceeds the extent (-1: bigger than a base cell)
+    start = np.searchsorted(-_EDGE_M[: MAX_RESOLUTION + 1], -far, side="right") - 1
+    huge = start < 0
+    start = np.maximum(start, 0)
+    fine = np.minimum(start + DEPTH, LOOKUP_RESOLUTION)
+    # corridors are narrow: their finest cells about their half-width, or they would be boundary cells only
+    corridor = shapes.kinds == 2
+    narrow = np.searchsorted(-_EDGE_M[: LOOKUP_RESOLUTION + 1], -shapes.radius[corridor], side="right")
+    fine[corridor] = np.minimum(np.maximum(fine[corridor], narrow), LOOKUP_RESOLUTION)
+    numbers = np.arange(n)
+
+    # seeds: the disk around the start cell, or every base cell
+    small = np.flatnonzero(~huge)
+    seed_cells, owner = _disks(_to_cells(lat[small], lon[small], start[small]), SEED_RING)
+    cand_f = np.concatenate((small[owner], np.repeat(numbers[huge], len(_RES0_CELLS))))
+    cand_c = np.concatenate((seed_cells, np.tile(_RES0_CELLS, int(huge.sum()))))
+    cand_f, cand_c = _unique_pairs(cand_f, cand_c, start)
+
+    # the band of every polygon: finest cells whose regions may touch its boundary
+    poly = np.flatnonzero(shapes.kinds == 0)
+    band_f, band_c = np.empty(0, np.int64), np.empty(0, np.uint64)
+    if len(poly):
+        sample_res = np.minimum(fine + BAND_FINER, 15)
+        step = SAMPLE_STEP * _EDGE_M[sample_res[poly]] / M_PER_DEG
+        rings = shapely.segmentize(shapely.boundary(shapes.geoms[poly]), step)
+        coords, which = shapely.get_coordinates(rings, return_index=True)
+        sample_f = poly[which]
+        sample_f, sample_c = _drop_repeats(sample_f, _to_cells(coords[:, 1], coords[:, 0], sample_res[sample_f]))
+        band_c, owner = _disks(sample_c, 1)
+        band_f = sample_f[owner]
+        band_f, band_c = _unique_pairs(band_f, parent_cells(band_c, fine[band_f]), fine)
+
+    interior: list[tuple[np.ndarray, np.ndarray]] = []
+    boundary: list[tuple[np.ndarray, np.ndarray]] = []
+    for level in range(LOOKUP_RESOLUTION + 1):
+        if not len(cand_f):
+            break
+        res = start[cand_f] + level
+        state = _classify(shapes, cand_f, cand_c, res, band_f, band_c, start[band_f] + level)
+        interior.append((cand_f[state == 1], cand_c[state == 1]))
+        mixed = state == 2
+        last = mixed & (res >= fine[cand_f])
+        boundary.append((cand_f[last], cand_c[last]))
+        split = mixed & ~last
+        cand_c, owner = _children(cand_c[split], res[split])
+        cand_f = cand_f[split][owner]
+    return _split_covers(n, fine, interior, boundary)
+
+
+def _to_cells(lats: np.ndarray, lons: np.ndarray, res: np.ndarray) -> np.ndarray:
+    if not len(lats):
+        return np.empty(0, np.uint64)
+    return np.asarray(h3v.coordinates_to_cells(lats, lons, res.astype(np.uint8))).astype(np.uint64)
+
+
+def _classify(shapes: _Shapes, fences: np.ndarray, cells: np.ndarray, res: np.ndarray,
+              band_f: np.ndarray, band_c: np.ndarray, band_res: np.ndarray) -> np.ndarray:
+    """0 outside, 1 interior, 2 mixed, for each (fence number, cell) candidate of one level."""
+    state = np.full(len(cells), 2, dtype=np.int8)
+    kinds = shapes.kinds[fences]
+    decide = ~_is_pentagon(cells, res)
+    poly = kinds == 0
+    if poly.any() and len(band_f):
+        # mixed: some finest descendant is in the band
+        ancestors = np.unique(_pack(band_f, parent_cells(band_c, band_res), band_res))
+        keys = _pack(fences[poly], cells[poly], res[poly])
+        pos = np.minimum(np.searchsorted(ancestors, keys), len(ancestors) - 1)
+        decide[poly] &= ancestors[pos] != keys
+    todo = np.flatnonzero(decide)
+    lats, lons = _centres(cells[todo])
+    f = fences[todo]
+    poly_todo = kinds[todo] == 0
+    inside = np.zeros(len(todo), dtype=bool)
+    if poly_todo.any():
+        inside[poly_todo] = shapely.contains_xy(shapes.geoms[f[poly_todo]], lons[poly_todo], lats[poly_todo])
+    state[todo[poly_todo]] = inside[poly_todo]
+    other = ~poly_todo
+    if other.any():
+        d = shapes.distance_m(f[other], lats[other], lons[other])
+        reach = REACH * _EDGE_M[res[todo[other]]] + 0.01
+        radius = shapes.radius[f[other]]
+        state[todo[other]] = np.where(d + reach <= radius, 1, np.where(d - reach > radius, 0, 2))
+    return state
+
+
+def _split_covers(n: int, fine: np.ndarray, interior: list[tuple[np.ndarray, np.ndarray]],
+                  boundary: list[tuple[np.ndarray, np.ndarray]]) -> list[FenceCover]:
+    def per_fence(parts: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        f = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
+        c = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.uint64)
+        order = np.lexsort((c, f))
+        return np.split(c[order], np.cumsum(np.bincount(f, minlength=n))[:-1])
+
+    inner, edge = per_fence(interior), per_fence(boundary)
+    return [FenceCover(int(fine[i]), inner[i], edge[i]) for i in range(n)]
+
+
+def cover_fence(fence: Geofence) -> FenceCover:
+    """The H3 cells covering one geofence, split into interior and boundary cells."""
+    return cover_fences([fence])[0]
 
 
 class GeofenceIndex:
@@ -237,31 +445,17 @@ class GeofenceIndex:
         self._number = {fence.id: i for i, fence in enumerate(self.fences)}
         self._covers = covers
         self.ids = np.array([f.id for f in self.fences], dtype=object)
-        self._kinds = np.array([list(GeofenceKind).index(f.kind) for f in self.fences], dtype=np.int8)
-        self._geoms = np.array([f.geometry for f in self.fences], dtype=object)
-        polygons = self._geoms[self._kinds == 0] if len(self.fences) else self._geoms
-        shapely.prepare(polygons)
-        self._radius = np.array([f.radius_m for f in self.fences], dtype=np.float64)
-        self._center = np.array(
-            [(f.geometry.y, f.geometry.x) if f.kind is GeofenceKind.CIRCLE else (0.0, 0.0) for f in self.fences],
-            dtype=np.float64,
-        ).reshape(-1, 2)
-        # every corridor's segments in one table (radians: lat1, lon1, lat2, lon2), CSR by fence number
-        segments = [np.radians(np.asarray(f.geometry.coords, dtype=np.float64)[:, :2])
-                    if f.kind is GeofenceKind.CORRIDOR else np.empty((1, 2)) for f in self.fences]
-        counts = np.array([len(c) - 1 if len(c) > 1 else 0 for c in segments], dtype=np.int64)
-        self._seg_ptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-        self._segs = (np.concatenate([np.column_stack((c[:-1, 1], c[:-1, 0], c[1:, 1], c[1:, 0]))
-                                      for c in segments if len(c) > 1]) if counts.sum() else np.empty((0, 4)))
+        self._shapes = _Shapes(self.fences)
+        self._answers = AnswerSets(self.ids)
         self._cross = [(f.id, _candidate_polygon(f)) for f in self.fences if f.settings.cross]
         self.has_cross = bool(self._cross)
-        self._tables = self._build_tables()
+        self._build_table()
         self.finest_resolution = LOOKUP_RESOLUTION
 
     @classmethod
     def build(cls, fences: Iterable[Geofence]) -> GeofenceIndex:
         fences = list(fences)
-        return cls(fences, {f.id: cover_fence(f) for f in fences})
+        return cls(fences, dict(zip((f.id for f in fences), cover_fences(fences), strict=True)))
 
     def with_changes(self, upserts: Iterable[Geofence] = (), deletes: Iterable[str] = ()) -> GeofenceIndex:
         """A new index with geofences added, replaced or removed; unchanged geofences keep their covers."""
@@ -270,29 +464,31 @@ class GeofenceIndex:
         for fence_id in deletes:
             fences.pop(fence_id, None)
             covers.pop(fence_id, None)
+        changed = []
         for fence in upserts:
             old = fences.get(fence.id)
             if old is None or not old.same_shape(fence):
-                covers[fence.id] = cover_fence(fence)
+                changed.append(fence)
             fences[fence.id] = fence
+        changed = list({f.id: f for f in changed}.values())  # the last version of a geofence upserted twice
+        covers.update(zip((f.id for f in changed), cover_fences(changed), strict=True))
         return GeofenceIndex(list(fences.values()), covers)
 
-    def _build_tables(self) -> list[_ResolutionTable]:
-        by_res: dict[int, list[tuple[int, FenceCover]]] = {}
-        for number, fence in enumerate(self.fences):
-            cover = self._covers[fence.id]
-            by_res.setdefault(cover.resolution, []).append((number, cover))
-        tables = []
-        for res, items in sorted(by_res.items()):
-            inner_keys = np.concatenate([c.interior for _, c in items]) if items else np.empty(0, np.uint64)
-            inner_vals = np.concatenate([np.full(len(c.interior), n, np.int32) for n, c in items])
-            edge_keys = np.concatenate([c.boundary for _, c in items])
-            edge_vals = np.concatenate([np.full(len(c.boundary), n, np.int32) for n, c in items])
-            cells = np.unique(np.concatenate([inner_keys, edge_keys]))
-            interior_ptr, interior = _csr(cells, inner_keys, inner_vals)
-            boundary_ptr, boundary = _csr(cells, edge_keys, edge_vals)
-            tables.append(_ResolutionTable(res, cells, interior_ptr, interior, boundary_ptr, boundary))
-        return tables
+    def _build_table(self) -> None:
+        """All cover cells of all resolutions in one sorted array, with CSR lists of interior and boundary fence
+        numbers per cell (one searchsorted per batch finds every resolution's cells)."""
+        covers = [self._covers[f.id] for f in self.fences]
+        counts_i = np.array([len(c.interior) for c in covers], dtype=np.int64)
+        counts_b = np.array([len(c.boundary) for c in covers], dtype=np.int64)
+        inner_keys = np.concatenate([c.interior for c in covers]) if covers else np.empty(0, np.uint64)
+        edge_keys = np.concatenate([c.boundary for c in covers]) if covers else np.empty(0, np.uint64)
+        numbers = np.arange(len(covers), dtype=np.int32)
+        self._cells = np.unique(np.concatenate((inner_keys, edge_keys)))
+        self._interior_ptr, self._interior = _csr(self._cells, inner_keys, np.repeat(numbers, counts_i))
+        self._boundary_ptr, self._boundary = _csr(self._cells, edge_keys, np.repeat(numbers, counts_b))
+        res = np.unique(cell_resolutions(self._cells))
+        self._resolutions = tuple(int(r) for r in res)
+        self._res_column = res.astype(np.uint64)[:, None]
 
     def __len__(self) -> int:
         return len(self.fences)
@@ -303,85 +499,41 @@ class GeofenceIndex:
 
     @property
     def resolutions(self) -> tuple[int, ...]:
-        return tuple(t.resolution for t in self._tables)
+        return self._resolutions
 
     def cells_for(self, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
         """The points' H3 cells (as uint64) at LOOKUP_RESOLUTION: what ``lookup`` takes."""
-        res = self.finest_resolution
-        return np.fromiter((_latlng_to_cell_int(a, o, res) for a, o in zip(lats, lons, strict=True)),
-                           dtype=np.uint64, count=len(lats))
+        lats = np.asarray(lats, dtype=np.float64)
+        res = np.full(len(lats), self.finest_resolution, dtype=np.uint8)
+        return _to_cells(lats, np.asarray(lons, dtype=np.float64), res)
 
     def lookup(self, lats: np.ndarray, lons: np.ndarray, cells: np.ndarray | None = None) -> list[tuple[str, ...]]:
         """Sorted ids of the geofences covering each point. ``cells``: the points' cells at LOOKUP_RESOLUTION
         (uint64), when the caller has them already."""
         n = len(lats)
-        if n == 0 or not self.fences:
+        if n == 0 or not len(self._cells):
             return [()] * n
         lats = np.asarray(lats, dtype=np.float64)
         lons = np.asarray(lons, dtype=np.float64)
         if cells is None:
             cells = self.cells_for(lats, lons)
-        points = np.arange(n)
-        hit_points, hit_fences = [], []
-        for table in self._tables:
-            keys = parent_cells(cells, table.resolution)
-            pos = np.minimum(np.searchsorted(table.cells, keys), len(table.cells) - 1)
-            found = table.cells[pos] == keys
-            if not found.any():
-                continue
-            rows, where = pos[found], points[found]
-            p, f = _expand(table.interior_ptr, table.interior, rows, where)
-            hit_points.append(p)
-            hit_fences.append(f)
-            p, f = _expand(table.boundary_ptr, table.boundary, rows, where)
-            if len(p):
-                ok = self._exact(p, f, lats, lons)
-                hit_points.append(p[ok])
-                hit_fences.append(f[ok])
-        return self._group(n, hit_points, hit_fences)
+        cells = np.asarray(cells, dtype=np.uint64)
+        order = np.argsort(cells, kind="stable")  # sorted keys: searchsorted resumes from the previous answer
+        keys = parent_cells(cells[order][None, :], self._res_column).ravel()
+        table = self._cells
+        pos = np.searchsorted(table, keys)
+        pos[pos == len(table)] = 0
+        found = np.flatnonzero(table[pos] == keys)
+        rows, points = pos[found], order[found % n]
+        p, f = _expand(self._interior_ptr, self._interior, rows, points)
+        bp, bf = _expand(self._boundary_ptr, self._boundary, rows, points)
+        if len(bp):
+            ok = self._shapes.test(bf, lats[bp], lons[bp])
+            p, f = np.concatenate((p, bp[ok])), np.concatenate((f, bf[ok]))
+        return self._answers.tuples(n, p, f)
 
     def lookup_one(self, lat: float, lon: float) -> tuple[str, ...]:
         return self.lookup(np.array([lat]), np.array([lon]))[0]
-
-    def _exact(self, points: np.ndarray, fences: np.ndarray, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
-        ok = np.zeros(len(points), dtype=bool)
-        kinds = self._kinds[fences]
-        poly = kinds == 0
-        if poly.any():
-            ok[poly] = shapely.intersects_xy(self._geoms[fences[poly]], lons[points[poly]], lats[points[poly]])
-        circle = kinds == 1
-        if circle.any():
-            c = self._center[fences[circle]]
-            d = _haversine_np(c[:, 0], c[:, 1], lats[points[circle]], lons[points[circle]])
-            ok[circle] = d <= self._radius[fences[circle]]
-        corridor = np.flatnonzero(kinds == 2)
-        if len(corridor):  # all (pair, segment) combinations at once, then the minimum per pair
-            pair, seg = _expand(self._seg_ptr, np.arange(len(self._segs)), fences[corridor], np.arange(len(corridor)))
-            s = self._segs[seg]
-            d = segment_distance_rad(s[:, 0], s[:, 1], s[:, 2], s[:, 3], np.radians(lats[points[corridor]][pair]),
-                                     np.radians(lons[points[corridor]][pair]))
-            starts = np.flatnonzero(np.diff(pair, prepend=-1))
-            nearest = np.minimum.reduceat(d, starts) * EARTH_RADIUS_M
-            ok[corridor[pair[starts]]] = nearest <= self._radius[fences[corridor[pair[starts]]]]
-        return ok
-
-    def _group(self, n: int, hit_points: list[np.ndarray], hit_fences: list[np.ndarray]) -> list[tuple[str, ...]]:
-        result: list[tuple[str, ...]] = [()] * n
-        if not hit_points:
-            return result
-        p = np.concatenate(hit_points)
-        if not len(p):
-            return result
-        f = np.concatenate(hit_fences)
-        order = np.lexsort((f, p))  # fence numbers follow sorted ids, so ids come out sorted
-        p = p[order]
-        names = self.ids[f[order]].tolist()
-        starts = np.flatnonzero(np.diff(p, prepend=-1)).tolist()
-        owners = p[starts].tolist()
-        starts.append(len(names))
-        for i, point in enumerate(owners):
-            result[point] = tuple(names[starts[i] : starts[i + 1]])
-        return result
 
     def distance_outside_m(self, fence_id: str, lat: float, lon: float) -> float:
         """Metres from a point outside the geofence to it (0 inside): for the exit buffer against GPS jitter."""
@@ -409,12 +561,96 @@ class GeofenceIndex:
         return tuple(fence_id for fence_id, area in self._cross if area.intersects(segment))
 
     def memory_bytes(self) -> int:
-        """Index memory: numpy arrays exactly, geometries estimated from their coordinates (16 B each plus
-        ~200 B per geometry object), plus ~100 B per fence for records and the id map."""
-        arrays = sum(
-            a.nbytes for t in self._tables
-            for a in (t.cells, t.interior_ptr, t.interior, t.boundary_ptr, t.boundary)
-        )
+        """Index memory: numpy arrays exactly (the lookup table and the per-geofence covers kept for
+        ``with_changes``), geometries estimated from their coordinates (16 B each plus ~200 B per geometry
+        object), plus ~300 B per geofence for records, the id map and the cached 1-tuples."""
+        arrays = sum(a.nbytes for a in (self._cells, self._interior_ptr, self._interior, self._boundary_ptr,
+                                        self._boundary, self._shapes.segs, self._shapes.seg_ptr))
         covers = sum(c.interior.nbytes + c.boundary.nbytes for c in self._covers.values())
-        coords = int(shapely.get_num_coordinates(self._geoms).sum()) if len(self._geoms) else 0
-        return arrays + covers + coords * 16 + len(self.fences) * 300
+        geoms = self._shapes.geoms
+        coords = int(shapely.get_num_coordinates(geoms).sum()) if len(geoms) else 0
+        return arrays + covers + coords * 16 + len(self.fences) * 500
+
+
+class AnswerSets:
+    """Turns (point, fence number) pairs into one tuple of sorted ids per point without a Python loop per
+    point: every set of fence numbers met gets a number and its tuple is built once. Set numbers: 0 the empty
+    set, f + 1 the set {f}; a bigger set is numbered by the pair (number of the set without its largest member,
+    that member), kept in sorted arrays so a batch resolves one member rank at a time with ``searchsorted``.
+    Sets learned during a batch are merged in at its end (a few per batch once warm); past ``limit`` sets the
+    memory starts again from the single sets."""
+
+    def __init__(self, ids: np.ndarray, limit: int = 1_000_000) -> None:
+        self._ids = ids.tolist()
+        self._bits = np.uint64(max(21, (len(self._ids) + 1).bit_length()))
+        self._limit = limit
+        self._reset()
+
+    def _reset(self) -> None:
+        self._keys = np.empty(0, dtype=np.uint64)  # (smaller set number << bits) | (member + 1), sorted
+        self._sets = np.empty(0, dtype=np.int64)  # the set number of each key
+        self._tuples = np.empty(len(self._ids) + 1 + 1024, dtype=object)
+        self._tuples[: len(self._ids) + 1] = [(), *((i,) for i in self._ids)]
+        self._count = len(self._ids) + 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def tuples(self, n: int, points: np.ndarray, fences: np.ndarray) -> list[tuple[str, ...]]:
+        """The sorted ids per point, from its (point, fence number) pairs (each pair at most once)."""
+        if self._count > self._limit:  # between batches, so no set number in use goes stale
+            self._reset()
+        sets = np.zeros(n, dtype=np.int64)
+        if len(points):
+            order = np.argsort(points.astype(np.int64) * (len(self._ids) + 1) + fences, kind="stable")
+            points, fences = points[order], fences[order]
+            starts = np.flatnonzero(np.diff(points, prepend=-1))
+            rank = np.arange(len(points)) - np.repeat(starts, np.diff(np.append(starts, len(points))))
+            sets[points[starts]] = fences[starts] + 1
+            member = 1
+            while True:
+                at = np.flatnonzero(rank == member)
+                if not len(at):
+                    break
+                p = points[at]
+                sets[p] = self._extend(sets[p], fences[at])
+                member += 1
+        return self._tuples[sets].tolist()
+
+    def _extend(self, smaller: np.ndarray, members: np.ndarray) -> np.ndarray:
+        """The numbers of the sets ``smaller`` + {member}, each member larger than the smaller set's."""
+        keys = (smaller.astype(np.uint64) << self._bits) | (members + 1).astype(np.uint64)
+        pos = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
+        known = self._keys[pos] == keys if len(self._keys) else np.zeros(len(keys), dtype=bool)
+        result = np.where(known, self._sets[pos] if len(self._keys) else 0, -1)
+        if known.all():
+            return result
+        new: dict[int, int] = {}
+        for i in np.flatnonzero(~known).tolist():
+            key = int(keys[i])
+            number = new.get(key)
+            if number is None:
+                if self._count >= len(self._tuples):
+                    grown = np.empty(2 * len(self._tuples), dtype=object)
+                    grown[: self._count] = self._tuples[: self._count]
+                    self._tuples = grown
+                number = new[key] = self._count
+                self._tuples[number] = self._tuples[int(smaller[i])] + (self._ids[int(members[i])],)
+                self._count += 1
+            result[i] = number
+        added = np.fromiter(new, dtype=np.uint64, count=len(new))
+        numbers = np.fromiter(new.values(), dtype=np.int64, count=len(new))
+        order = np.argsort(added)
+        at = np.searchsorted(self._keys, added[order])
+        self._keys = np.insert(self._keys, at, added[order])
+        self._sets = np.insert(self._sets, at, numbers[order])
+        return result
+
+
+def _csr(cells: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((values, keys))
+    keys, values = keys[order], values[order]
+    counts = np.bincount(np.searchsorted(cells, keys), minlength=len(cells)) if len(keys) else \
+        np.zeros(len(cells), dtype=np.int64)
+    ptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    return ptr, values.astype(np.int32)

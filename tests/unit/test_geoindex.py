@@ -15,6 +15,7 @@ import shapely.ops
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from fleetstream.domain import geoindex
 from fleetstream.domain.geo import bearing_deg, destination, haversine_m
 from fleetstream.domain.geofences import (
     GeofenceError,
@@ -366,3 +367,73 @@ def test_a_point_whose_derived_coarse_cell_is_not_its_own():
     small = parse_geofence({"type": "Feature", "id": "small", "properties": {"radius_m": 50},  # a fine cover too
                             "geometry": {"type": "Point", "coordinates": [-116.0, 41.0]}})
     assert GeofenceIndex.build([fence, small]).lookup_one(lat, lon) == ()
+
+
+# The two facts about H3 regions (a res-r cell answers for its res-11 descendants) the cover relies on; see
+# the geoindex module docstring.
+@settings(max_examples=300, deadline=None)
+@given(
+    st.floats(-85, 85), st.floats(-180, 180), st.integers(0, 10), st.floats(0, 360), st.floats(0, 1),
+)
+def test_h3_region_facts_the_covers_rely_on(lat, lon, res, bearing, fraction):
+    edge = h3.average_hexagon_edge_length(res, "m")
+    fine = h3.api.basic_int.latlng_to_cell(lat, lon, geoindex.LOOKUP_RESOLUTION)
+    derived = int(parent_cells(np.array([fine], dtype=np.uint64), res)[0])
+    centre = h3.api.basic_int.cell_to_latlng(derived)
+    assert haversine_m(lat, lon, *centre) <= geoindex.REACH * edge
+    near = destination(lat, lon, bearing, fraction * geoindex.SAMPLE_STEP / 2 * edge)
+    assert derived in h3.api.basic_int.grid_disk(h3.api.basic_int.latlng_to_cell(*near, res), 1)
+    farther = destination(lat, lon, bearing, fraction * edge)
+    assert derived in h3.api.basic_int.grid_disk(h3.api.basic_int.latlng_to_cell(*farther, res), geoindex.SEED_RING)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(-85, 85), st.floats(-180, 180), st.integers(0, 10), st.booleans())
+def test_children_and_pentagons_match_h3(lat, lon, res, pentagon):
+    bi = h3.api.basic_int
+    cell = bi.get_pentagons(res)[int(abs(lat)) % 12] if pentagon else bi.latlng_to_cell(lat, lon, res)
+    cells = np.array([cell], dtype=np.uint64)
+    assert bool(geoindex._is_pentagon(cells, np.array([res]))[0]) == bi.is_pentagon(cell)
+    children, owner = geoindex._children(cells, np.array([res]))
+    assert sorted(int(c) for c in children) == sorted(bi.cell_to_children(cell, res + 1))
+    assert owner.tolist() == [0] * len(children)
+
+
+def test_cells_for_matches_h3():
+    rng = np.random.default_rng(4)
+    lats, lons = rng.uniform(-85, 85, 300), rng.uniform(-180, 180, 300)
+    got = GeofenceIndex.empty().cells_for(lats, lons)
+    assert got.tolist() == [h3.api.basic_int.latlng_to_cell(a, o, 11) for a, o in zip(lats, lons, strict=True)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sets(st.integers(0, 11), max_size=6), min_size=1, max_size=40), min_size=1, max_size=4),
+       st.integers(13, 60))
+def test_answer_sets_equal_sorted_ids(batches, limit):
+    """Against the obvious reference: each point's fence numbers as sorted ids. A small limit makes the set
+    memory start over between batches."""
+    ids = np.array([f"id{i:02d}" for i in range(12)], dtype=object)
+    answers = geoindex.AnswerSets(ids, limit=limit)
+    rng = np.random.default_rng(len(batches))
+    for batch in batches:
+        pairs = [(p, f) for p, fences in enumerate(batch) for f in fences]
+        rng.shuffle(pairs)
+        points = np.array([p for p, _ in pairs], dtype=np.int64)
+        fences = np.array([f for _, f in pairs], dtype=np.int32)
+        got = answers.tuples(len(batch), points, fences)
+        assert got == [tuple(ids[sorted(fences)].tolist()) for fences in batch]
+
+
+def test_covers_use_several_resolutions_and_interior_cells_carry_much_of_the_area():
+    """A big polygon is answered for a good part by interior cells of more than one resolution (no geometry at
+    lookup); interior and boundary cells together reach beyond the polygon."""
+    fence = parse_geofence(polygon_feature("big", [star(53.4, -2.98, 5000, [1.0] * 30)]))
+    cover = GeofenceIndex.build([fence])._covers["big"]
+    assert len(set(geoindex.cell_resolutions(cover.interior).tolist())) > 1
+
+    def area(cells: np.ndarray) -> float:
+        return sum(h3.cell_area(h3.int_to_str(int(c)), "m^2") for c in cells)
+
+    polygon_m2 = shapely.area(fence.geometry) * 111_320**2 * math.cos(math.radians(53.4))
+    assert area(cover.interior) > 0.4 * polygon_m2
+    assert area(cover.interior) + area(cover.boundary) > polygon_m2
