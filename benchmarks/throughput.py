@@ -171,8 +171,9 @@ def run_worker(broker_url: str, topic: str, n_fixes: int, partitions: int, workd
         enriched_topic=f"{topic}.{tag}.enriched", deadletter_topic=f"{topic}.{tag}.dead",
         geofence_events_topic=f"{topic}.{tag}.events", geofences_topic=geofences_topic or f"bench.{tag}.geofences",
         telemetry_topic=f"{topic}.{tag}.telemetry", alerts_topic=f"{topic}.{tag}.alerts",
-        trips_topic=f"{topic}.{tag}.trips", partitions=partitions, web_port=free_port(), web_host="127.0.0.1",
-        data_dir=str(workdir / tag), **{"rules_topic": f"bench.{tag}.rules", **overrides},
+        trips_topic=f"{topic}.{tag}.trips", cells_topic=f"{topic}.{tag}.cells",
+        cell_partials_topic=f"{topic}.{tag}.partials", partitions=partitions, web_port=free_port(),
+        web_host="127.0.0.1", data_dir=str(workdir / tag), **{"rules_topic": f"bench.{tag}.rules", **overrides},
     )
     env = {**os.environ, **settings.to_env()}
     log = open(workdir / f"{tag}.log", "wb")  # noqa: SIM115
@@ -222,6 +223,9 @@ def main() -> None:
     parser.add_argument("--bare", action="store_true",
                         help="also run the worker with the filter chain and motion/trips off (and no rules): the "
                         "baseline the filters + motion + rules figure is compared with")
+    parser.add_argument("--no-aggregation", action="store_true",
+                        help="also run the worker with aggregation off (worker-noagg): the baseline of the "
+                        "aggregation-on figure (the worker aggregates by default)")
     parser.add_argument("--worker-wrapper", default="", help="command prefix for the worker, e.g. a profiler")
     args = parser.parse_args()
     pipelines = args.pipelines.split(",")
@@ -258,6 +262,8 @@ def main() -> None:
                             for g, r in variants] + runs
                     if args.bare:
                         runs = [("worker-bare", (0, 0)), *runs]
+                    if args.no_aggregation:
+                        runs = [("worker-noagg", (0, 0)), *runs]
                 for name, (fences, rules) in ((n_, v if isinstance(v, tuple) else (v, 0)) for n_, v in runs):
                     tag = f"{name.replace('+', '')}{mode}r{run}"
                     out_topic = f"{topic}.{tag}.out"
@@ -267,7 +273,8 @@ def main() -> None:
                                                wrapper=args.worker_wrapper.split() or None,
                                                geofences_topic=fence_topics.get(fences),
                                                **({"rules_topic": rule_topics[rules]} if rules else {}),
-                                               **(BARE if name == "worker-bare" else {}))
+                                               **(BARE if name == "worker-bare" else {}),
+                                               **({"aggregation_enabled": False} if name == "worker-noagg" else {}))
                     elif name == "aiokafka":
                         wall, cpu = asyncio.run(run_aiokafka(broker.bootstrap, topic, out_topic, n))
                     else:
@@ -287,6 +294,8 @@ def main() -> None:
             for other in rates:
                 if other != "worker":
                     print(f"           {other} / worker = {rates[other] / rates['worker']:.2f}x")
+        if "worker-noagg" in rates and "worker" in rates:
+            print(f"           worker (aggregation on) / worker-noagg = {rates['worker'] / rates['worker-noagg']:.2f}x")
         if "worker-bare" in rates:
             for other in rates:
                 if other.startswith("worker") and other != "worker-bare":
