@@ -341,7 +341,10 @@ def register_api(app: faust.App, worker: PositionWorker, settings: Settings, tab
             def local() -> dict[str, Any]:
                 aggregation = worker.aggregation
                 return {
-                    "inside": sorted(s.device_id for s in worker.local_states() if geofence_id in s.geofences),
+                    # the occupancy table kept from the transitions (per partition, summed here); a scan of the
+                    # devices' states when aggregation is off
+                    "inside": sorted(aggregation.local_occupancy(geofence_id)) if aggregation is not None else
+                    sorted(s.device_id for s in worker.local_states() if geofence_id in s.geofences),
                     "windows": [list(w) for w in aggregation.local_geofence_windows(geofence_id)]
                     if aggregation is not None else [],
                 }

@@ -30,7 +30,7 @@ from fleetstream.config import Settings
 from fleetstream.domain.alerts import Alert, AlertEngine, DeviceAlertState
 from fleetstream.domain.filters import FilterConfig, Held, ReorderBuffer, batch_order, intrinsic_reason
 from fleetstream.domain.geoindex import GeofenceIndex
-from fleetstream.domain.models import DeviceState, FilterReason, Motion, Position, Telemetry
+from fleetstream.domain.models import DeviceState, FilterReason, Position, Telemetry
 from fleetstream.domain.signals import DeviceSignals
 from fleetstream.domain.tracking import Enrichment, TrackingConfig, filtered_enrichment, step_position
 from fleetstream.domain.transitions import (
@@ -360,13 +360,8 @@ class PositionPipeline:
                 rows = out.agg_rows.get(record.partition)
                 if rows is None:
                     rows = out.agg_rows[record.partition] = BatchRows()
-                rows.cells.append(enrichment.h3)
-                rows.devices.append(fix.device_id)
-                rows.ts.append(fix.ts_ms)
-                rows.speeds.append(enrichment.speed_kmh)
-                rows.stopped.append(enrichment.motion is Motion.STOPPED)
-                rows.distances.append(enrichment.distance_m)
-                rows.offsets.append(record.offset)
+                rows.fixes.append((enrichment.h3, fix.device_id, fix.ts_ms, enrichment.speed_kmh, enrichment.motion,
+                                   enrichment.distance_m, record.offset))
                 if events:
                     rows.events.extend(events)
                     rows.event_offsets.extend([record.offset] * len(events))
@@ -654,20 +649,16 @@ class _SignalsCursor:
 
 
 def check_partial(value: Any) -> None:
-    """Raise ValueError unless ``value`` is a stage-1 partial or watermark record (see aggregates.py)."""
-    if not isinstance(value, dict) or not isinstance(value.get("source"), int):
-        raise ValueError("expected an object with an integer source")
-    kind = value.get("type")
-    if kind == "partial":
-        stats = value.get("stats")
-        if not isinstance(stats, list) or len(stats) != 14 or not isinstance(stats[0], str):
-            raise ValueError("partial without cell statistics")
-    elif kind == "watermark":
-        if not (value.get("watermark_ms") is None or isinstance(value.get("watermark_ms"), int)) \
-                or not isinstance(value.get("idle"), bool):
-            raise ValueError("watermark without watermark_ms and idle")
-    else:
-        raise ValueError(f"unknown type {kind!r}")
+    """Raise ValueError unless ``value`` is a stage-1 partials message (see aggregates.py)."""
+    if not isinstance(value, dict) or value.get("type") != "partials" or not isinstance(value.get("source"), int):
+        raise ValueError("expected {type: partials, source: int, ...}")
+    if not (value.get("watermark_ms") is None or isinstance(value.get("watermark_ms"), int)) \
+            or not isinstance(value.get("idle"), bool):
+        raise ValueError("watermark_ms must be an integer or null and idle a boolean")
+    stats = value.get("stats")
+    if not isinstance(stats, list) or not all(isinstance(s, list) and len(s) == 14 and isinstance(s[0], str)
+                                              for s in stats):
+        raise ValueError("stats must be a list of cell statistics")
 
 
 def alert_dict(alert: Alert) -> dict[str, object]:

@@ -158,6 +158,9 @@ def test_cells_are_published_once_per_window_and_match_the_reference(broker, pre
                                                            idle_s=2))]
         status, fence = get(f"{worker.base_url}/geofences/west-half")
         assert status == 200
+        status, devices = get(f"{worker.base_url}/devices?geofence=west-half&limit=1000")
+        assert fence["occupancy"] == len(devices["devices"]) > 0  # the occupancy table agrees with the states
+        assert fence["devices_inside"] == [d["device_id"] for d in devices["devices"]]
         by_window = {w["window_start"]: w for w in fence["stats"]}
         for start in range(t0, t0 + 5 * WINDOW_MS, WINDOW_MS):
             inside = [e for e in events if start <= parse_ts(e["ts"]) < start + WINDOW_MS

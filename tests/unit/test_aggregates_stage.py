@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetstream.config import Settings
-from fleetstream.streaming.aggregates import AGGREGATES_TABLE, CELL_STATS_TABLE, Aggregation, BatchRows
+from fleetstream.streaming.aggregates import AGGREGATES_TABLE, CELL_STATS_TABLE, Aggregation, BatchRows, h3_ints
 from fleetstream.streaming.pipeline import check_partial
 
 PARTITIONS = 3
@@ -94,13 +94,7 @@ def rows_for(fixes: list[tuple[str, int, float, float, float, int]]) -> dict[int
     out: dict[int, BatchRows] = {}
     for device, ts, lat, lon, speed, offset in fixes:
         rows = out.setdefault(partition_of(device.encode()), BatchRows())
-        rows.cells.append(h3.latlng_to_cell(lat, lon, 9))
-        rows.devices.append(device)
-        rows.ts.append(ts)
-        rows.speeds.append(speed)
-        rows.stopped.append(False)
-        rows.distances.append(0.0)
-        rows.offsets.append(offset)
+        rows.add(h3.latlng_to_cell(lat, lon, 9), device, ts, speed, False, 0.0, offset)
     return out
 
 
@@ -207,3 +201,16 @@ def test_late_fixes_are_counted_and_left_out_and_queries_see_the_cells():
     res8 = {c for c, s in expected if s == T0 and h3.get_resolution(c) == 8}
     assert {c.h3 for c in cluster.agg.local_cells(8, T0, None)} == res8
     assert cluster.agg.local_windows(8)[0] == T0
+
+
+@given(st.lists(st.tuples(st.floats(-89, 89), st.floats(-179.9, 179.9), st.integers(0, 15)), max_size=50),
+       st.booleans())
+def test_h3_ints_parses_cells_like_int_base_16(points, upper):
+    cells = [h3.latlng_to_cell(lat, lon, res) for lat, lon, res in points]
+    cells = [c.upper() for c in cells] if upper else cells
+    assert h3_ints(cells).tolist() == [int(c, 16) for c in cells]
+
+
+def test_h3_ints_refuses_what_is_not_hex():
+    with pytest.raises(ValueError, match="hex"):
+        h3_ints(["8928308280fffff", "8928308280fffzz"])
