@@ -714,6 +714,10 @@ class RuleSet:
     def get(self, rule_id: str) -> Rule | None:
         return self._by_id.get(rule_id)
 
+    def group_matcher(self, group: str) -> Callable[[str], bool]:
+        """Whether a device id belongs to a group (its ids and id patterns); KeyError for an unknown group."""
+        return _Target(self.groups[group], everyone=False).matches
+
     def rules_for(self, device_id: str) -> tuple[Rule, ...]:
         """The rules that apply to a device, in file order. Equal answers are the same tuple object."""
         found = self._for_device.get(device_id)

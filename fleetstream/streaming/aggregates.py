@@ -377,12 +377,20 @@ class Aggregation:
         """Stage 2: collect partials and watermarks; publish what every source has closed; returns how many."""
         stage = self.cell_stage(partition)
         store = stage.store
+        interim: set[tuple[str, int]] = set()
         for value in values:
             source = int(value["source"])
-            store.add([CellStats.from_json(s) for s in value["stats"]], source)
+            stats = [CellStats.from_json(s) for s in value["stats"]]
+            store.add(stats, source)
+            interim.update((s.h3, s.window_start_ms) for s in stats if not s.final)
             if value["watermark_ms"] is not None:
                 store.note_watermark(source, int(value["watermark_ms"]))
         published = 0
+        for cell, start in sorted(interim):  # (aggregation_interim_s: the merged value so far, final false)
+            current = store.get(cell, start)
+            if current is not None:
+                records.append(OutRecord(self.settings.cells_topic, cell.encode(),
+                                         dumps(current._replace(final=False).to_dict()), partition))
         marks = stage.watermarks(self.sources)
         if marks is not None:
             finals = store.complete(marks)

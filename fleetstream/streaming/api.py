@@ -241,9 +241,19 @@ def register_api(app: faust.App, worker: PositionWorker, settings: Settings, tab
             if cell is not None and not h3.is_valid_cell(cell):
                 raise BadRequest(f"cell: {cell!r} is not an H3 cell")
             geofence, after = query.get("geofence"), query.get("after")
+            group = query.get("group")
+            in_group: Callable[[str], bool] | None = None
+            if group is not None:  # device groups are declared with the alert rules (docs/RULES.md)
+                rules = current_rules()
+                if rules is None or group not in rules.groups:
+                    raise BadRequest(f"group: {group!r} is not a group of the current rules")
+                in_group = rules.group_matcher(group)
 
             def local() -> list[dict[str, Any]]:
-                states = filter_devices(worker.local_states(), geofence=geofence, cell=cell, after=after, limit=limit)
+                candidates = worker.local_states()
+                if in_group is not None:
+                    candidates = [s for s in candidates if in_group(s.device_id)]
+                states = filter_devices(candidates, geofence=geofence, cell=cell, after=after, limit=limit)
                 return [device_view(s) for s in states]
 
             merged = sorted((d for part in await gather(request, local) for d in part), key=lambda d: d["device_id"])

@@ -15,6 +15,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fleetstream.codecs import parse_ts
 from fleetstream.config import Settings
 from fleetstream.streaming.aggregates import AGGREGATES_TABLE, CELL_STATS_TABLE, Aggregation, BatchRows, h3_ints
 from fleetstream.streaming.pipeline import check_partial
@@ -32,8 +33,8 @@ def partition_of(key: bytes) -> int:
 class Cluster:
     """Stage 1 and 2 over in-memory tables; ``crash`` drops what was not acknowledged and restarts."""
 
-    def __init__(self) -> None:
-        self.settings = Settings.load(env={}, partitions=PARTITIONS, aggregation_idle_s=2.0)
+    def __init__(self, **overrides: object) -> None:
+        self.settings = Settings.load(env={}, partitions=PARTITIONS, aggregation_idle_s=2.0, **overrides)
         self.tables: dict[str, dict[bytes, bytes]] = {AGGREGATES_TABLE: {}, CELL_STATS_TABLE: {}}
         self.wall = 0
         self.stage2: dict[int, list[dict]] = defaultdict(list)  # partials topic, per partition, not yet read
@@ -127,10 +128,11 @@ def fleet(seed: int, devices: int, minutes: int) -> list[tuple[str, int, float, 
 
 
 def published(cluster: Cluster) -> dict[tuple[str, int], tuple[int, int, float, float]]:
+    """The final values published, by (cell, window start); a window published twice must be identical."""
     out: dict[tuple[str, int], tuple[int, int, float, float]] = {}
     for record in cluster.cells:
-        from fleetstream.codecs import parse_ts
-
+        if not record["final"]:
+            continue
         key = (record["h3"], parse_ts(record["window_start"]))
         value = (record["events"], record["devices"], record["avg_speed_kmh"], record["p95_speed_kmh"])
         assert out.get(key, value) == value, f"published twice, differently: {key}"
@@ -214,3 +216,25 @@ def test_h3_ints_parses_cells_like_int_base_16(points, upper):
 def test_h3_ints_refuses_what_is_not_hex():
     with pytest.raises(ValueError, match="hex"):
         h3_ints(["8928308280fffff", "8928308280fffzz"])
+
+
+def test_interim_values_come_before_the_final_one_and_never_exceed_it():
+    fixes = fleet(5, 8, minutes=4)
+    cluster = Cluster(aggregation_interim_s=20)
+    for i in range(0, len(fixes), 20):
+        cluster.batch(rows_for(fixes[i:i + 20]))
+        cluster.read_partials()
+    close_everything(cluster, fixes, 20)
+    expected = reference(fixes)
+    assert published(cluster).keys() == expected.keys()
+    interim = [r for r in cluster.cells if not r["final"]]
+    assert interim, "interim values were asked for"
+    final_at = {(r["h3"], r["window_start"]): n for n, r in enumerate(cluster.cells) if r["final"]}
+    for n, record in enumerate(cluster.cells):
+        if record["final"]:
+            continue
+        key = (record["h3"], record["window_start"])
+        if parse_ts(key[1]) > max(f[1] for f in fixes):
+            continue  # the closing fix's own window: still open
+        assert n < final_at[key]
+        assert record["events"] <= expected[(key[0], parse_ts(key[1]))][0]
