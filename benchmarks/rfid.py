@@ -125,6 +125,59 @@ def run_worker(broker_url: str, topic: str, n_reads: int, partitions: int, workd
             proc.kill()
 
 
+def measure_vehicle_feed(bootstrap: str, n: int, partitions: int, runs: int) -> dict:
+    """The cost of the replicated vehicle view (``streaming/vehicle_feed.py``) to every worker: a group-less
+    consumer over the enriched positions, keys filtered before decoding (``keyed``), against decoding every record
+    (``decode all``, what a view without the key filter would pay). Rate and CPU per enriched record."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from fleetstream.streaming.vehicle_feed import VehicleView, apply_enriched
+
+    topic = "bench.rfid.enriched"
+    records = []
+    for key, value in throughput.make_messages(n, 1000, 1):
+        doc = orjson.loads(value)
+        doc.update(h3="891f1d48a2bffff", geofences=["depot"], motion="moving", odometer_m=1234.5)
+        records.append((key, orjson.dumps(doc)))
+    asyncio.run(ensure_topics(Settings.load(env={}, partitions=partitions, broker=f"kafka://{bootstrap}"),
+                              [TopicSpec(topic, partitions)]))
+    asyncio.run(throughput.load(bootstrap, topic, records))
+    wanted = frozenset(f"veh-{i:05d}".encode() for i in range(20))
+
+    async def skim(decode_all: bool) -> tuple[float, float]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                    max_partition_fetch_bytes=4 * 1024 * 1024)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in range(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            view, done = VehicleView(), 0
+            t0, c0 = time.perf_counter(), time.process_time()
+            while done < n:
+                batch = await consumer.getmany(timeout_ms=500, max_records=20_000)
+                for messages in batch.values():
+                    done += len(messages)
+                    for m in messages:
+                        if decode_all:
+                            orjson.loads(m.value)
+                        if m.key in wanted:
+                            apply_enriched(view, wanted, m.key, m.value)
+            assert len(view) == len(wanted)
+            return time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            await consumer.stop()
+
+    out: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    print(f"\nvehicle feed: {n:,} enriched positions of 1,000 devices, 20 carry readers")
+    for run in range(runs):
+        for name, decode_all in (("keyed", False), ("decode all", True)):
+            wall, cpu = asyncio.run(skim(decode_all))
+            out.setdefault(("vehicle feed", name), []).append((n / wall, cpu / n * 1e6))
+            print(f"  run {run} {name:10s} {n / wall:10,.0f} records/s  {cpu / n * 1e6:6.2f} CPU us/record")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tags", type=int, default=10_000)
@@ -135,6 +188,8 @@ def main() -> None:
     parser.add_argument("--modes", default="1,11", help="reads per message: 1 and/or 11 (an observation's burst)")
     parser.add_argument("--single-read-limit", type=int, default=40_000)
     parser.add_argument("--positions", type=int, default=20_000, help="single-fix positions for the core ratio")
+    parser.add_argument("--vehicle-feed", type=int, default=200_000,
+                        help="enriched positions the vehicle feed skims (20 of 1,000 devices carry readers); 0 skips")
     args = parser.parse_args()
 
     from fleetstream.streaming.readers_feed import publish_assets, publish_readers
@@ -153,7 +208,7 @@ def main() -> None:
         asyncio.run(publish_readers(base, registry))
         asyncio.run(publish_assets(base, assets))
         work = baseline_work(registry)
-        for mode in (int(m) for m in args.modes.split(",")):
+        for mode in (int(m) for m in args.modes.split(",") if m):
             messages = make_messages(per_second, mode, args.single_read_limit if mode == 1 else None)
             n = sum(len(orjson.loads(v)) if mode != 1 else 1 for _, v in messages)
             topic = f"bench.rfid.x{mode}"
@@ -193,11 +248,19 @@ def main() -> None:
                                                                            cpu / args.positions * 1e6))
                     print(f"  run {run} {name:9s} {args.positions / wall:10,.0f} fixes/s  "
                           f"{cpu / args.positions * 1e6:7.1f} CPU us/fix")
+        if args.vehicle_feed:
+            results.update(measure_vehicle_feed(broker.bootstrap, args.vehicle_feed, args.partitions, args.runs))
     finally:
         broker.stop()
 
     print("\nmedians")
     for workload in sorted({w for w, _ in results}):
+        if workload.startswith("vehicle feed"):
+            for name in sorted(n for w, n in results if w == workload):
+                rate = statistics.median(r for r, _ in results[(workload, name)])
+                cpu = statistics.median(c for _, c in results[(workload, name)])
+                print(f"  {workload} {name}: {rate:,.0f} records/s ({cpu:.2f} us CPU per record)")
+            continue
         rate = {name: statistics.median(r for r, _ in results[(workload, name)]) for w, name in results
                 if w == workload}
         cpu = {name: statistics.median(c for _, c in results[(workload, name)]) for w, name in results

@@ -18,6 +18,7 @@ import pytest
 
 from fleetstream.codecs import format_ts, parse_ts, validate_output
 from fleetstream.domain.models import RfidRead
+from fleetstream.embedded import free_port
 from tests.integration.helpers import WorkerProcess, produce, read_topic, worker_settings
 from tests.unit.test_assets import DOCK_2, EXPECTED_DAY_ALERTS, EXPECTED_DAY_EVENTS, PALLETS, warehouse_script
 from tests.unit.test_assets import T0 as SCRIPT_T0
@@ -169,3 +170,71 @@ def test_a_warehouse_day_on_the_broker(broker, prefix, log_dir):
     finally:
         for w in workers:
             w.stop()
+
+
+def test_two_workers_answer_for_every_asset_and_zone(broker, prefix, log_dir):
+    """Tags spread over the partitions of two workers: a tag from either worker (routed to its owner), a zone's
+    inventory from either worker (gathered), each worker's own share disjoint and together complete."""
+    settings_a = worker_settings(
+        broker.url, prefix, log_dir, partitions=4, rfid_topic=f"{prefix}.rfid", readers_topic=f"{prefix}.readers",
+        assets_topic=f"{prefix}.assets", asset_registry_topic=f"{prefix}.asset.registry",
+        readers_file=str(ROOT / "examples" / "readers.json"), api_token=TOKEN,
+    )
+    port = free_port()
+    settings_b = settings_a.with_overrides(web_port=port, advertised_url=f"http://127.0.0.1:{port}",
+                                           data_dir=str(log_dir / "b-data"))
+    zones = {"dock-door-1": "dock-1", "dock-door-2": "dock-2", "shelf-a": "shelf-a", "shelf-b": "shelf-b"}
+    placed = {f"tag-{i:03d}": list(zones)[i % len(zones)] for i in range(40)}
+    now_ms = int(time.time() * 1000) - 60_000
+    records = [(tag.encode(), orjson.dumps({"tag_id": tag, "reader_id": reader, "ts": now_ms + k, "rssi_dbm": -50}))
+               for k in range(3) for tag, reader in placed.items()]
+    workers = [WorkerProcess(settings_a, log_dir / "a.log").start(), WorkerProcess(settings_b, log_dir / "b.log").start()]
+    try:
+        def both_own_partitions() -> bool:
+            try:
+                parts = [get(w, "/zones/dock-1/inventory?scope=local")[0] for w in workers]
+                return all(status == 200 for status in parts) and all(
+                    rfid_status(w)["started"] for w in workers) and _assigned(workers) == 2
+            except OSError:
+                return False
+
+        wait_until(both_own_partitions, "both workers owning partitions", workers[0])
+        asyncio.run(produce(broker.bootstrap, settings_a.rfid_topic, records))
+        wait_until(lambda: sum(rfid_status(w)["reads_in"] for w in workers) >= len(records), "the reads", workers[0])
+        local = [get(w, "/zones/shelf-a/inventory?scope=local")[1] for w in workers]
+        expected = sorted(tag for tag, reader in placed.items() if zones[reader] == "shelf-a")
+        assert all(local) and not set(local[0]) & set(local[1]) and sorted(local[0] + local[1]) == expected
+        for worker in workers:
+            for reader, zone in zones.items():
+                status, body = get(worker, f"/zones/{zone}/inventory?limit=4")
+                tags = sorted(tag for tag, at in placed.items() if at == reader)
+                assert status == 200 and body["count"] == len(tags) and body["assets"] == tags[:4]
+                status, page = get(worker, f"/zones/{zone}/inventory?limit=100&after={body['next_after']}")
+                assert page["assets"] == tags[4:] and page["next_after"] is None
+            for tag, reader in placed.items():
+                status, body = get(worker, f"/assets/{tag}")
+                assert status == 200 and body["zones"] == [zones[reader]] and body["reader_id"] == reader
+        tracked = [_metric(w, "fleetstream_assets_tracked") for w in workers]
+        assert all(tracked) and sum(tracked) == len(placed)
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def _assigned(workers: list[WorkerProcess]) -> int:
+    """How many workers hold RFID partitions (from their metrics)."""
+    owning = 0
+    for worker in workers:
+        with urllib.request.urlopen(worker.base_url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+        owning += any(line.startswith("fleetstream_assigned_partitions") and not line.rstrip().endswith(" 0.0")
+                      for line in text.splitlines())
+    return owning
+
+
+def _metric(worker: WorkerProcess, name: str) -> float:
+    with urllib.request.urlopen(worker.base_url + "/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
