@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,8 +22,8 @@ import pytest
 from fleetstream.codecs import format_ts, parse_ts, validate_output
 from fleetstream.domain.models import RfidRead
 from fleetstream.embedded import free_port
-from tests.integration.helpers import WorkerProcess, produce, read_topic, worker_settings
-from tests.unit.test_assets import DOCK_2, EXPECTED_DAY_ALERTS, EXPECTED_DAY_EVENTS, PALLETS, warehouse_script
+from tests.integration.helpers import WorkerProcess, produce, read_topic, settings_env, worker_settings
+from tests.unit.test_assets import EXPECTED_DAY_ALERTS, EXPECTED_DAY_EVENTS, PALLETS, warehouse_script
 from tests.unit.test_assets import T0 as SCRIPT_T0
 
 pytestmark = pytest.mark.integration
@@ -34,6 +37,12 @@ RESTART_AT = 400
 DEPOT = {"type": "Feature", "id": "depot", "properties": {"name": "Depot yard"}, "geometry": {
     "type": "Polygon", "coordinates": [[[-2.9853, 53.4008], [-2.9845, 53.4008], [-2.9845, 53.4013],
                                         [-2.9853, 53.4013], [-2.9853, 53.4008]]]}}
+
+
+def cli(settings, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **settings_env(settings)}
+    return subprocess.run([sys.executable, "-m", "fleetstream", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 def get(worker: WorkerProcess, path: str, token: str | None = TOKEN) -> tuple[int, dict]:
@@ -91,7 +100,8 @@ def test_a_warehouse_day_on_the_broker(broker, prefix, log_dir):
         return asyncio.run(produce(bootstrap, settings.rfid_topic, records))
 
     def send_vehicle(seconds: float, worker: WorkerProcess) -> None:
-        [(ts, _, (vehicle, fix))] = [s for s in script if not isinstance(s[2], RfidRead) and s[0] == at(seconds) - shift]
+        [(ts, _, (vehicle, fix))] = [s for s in script
+                                     if not isinstance(s[2], RfidRead) and s[0] == at(seconds) - shift]
         before = rfid_status(worker)["vehicle_updates"]
         position = {"device_id": vehicle, "ts": format_ts(ts + shift), "lat": fix.lat, "lon": fix.lon,
                     "speed_kmh": 0.0 if fix.motion == "stopped" else 30.0}
@@ -117,7 +127,7 @@ def test_a_warehouse_day_on_the_broker(broker, prefix, log_dir):
                 worker.stop()
                 worker = WorkerProcess(settings, log_dir / "worker-2.log").start()
                 workers.append(worker)
-                wait_until(lambda: rfid_status(worker)["started"], "the restarted worker", worker)
+                wait_until(lambda w=worker: rfid_status(w)["started"], "the restarted worker", worker)
                 sent = 0
             if end in VEHICLE_AT:
                 send_vehicle(end, worker)
@@ -188,7 +198,8 @@ def test_two_workers_answer_for_every_asset_and_zone(broker, prefix, log_dir):
     now_ms = int(time.time() * 1000) - 60_000
     records = [(tag.encode(), orjson.dumps({"tag_id": tag, "reader_id": reader, "ts": now_ms + k, "rssi_dbm": -50}))
                for k in range(3) for tag, reader in placed.items()]
-    workers = [WorkerProcess(settings_a, log_dir / "a.log").start(), WorkerProcess(settings_b, log_dir / "b.log").start()]
+    workers = [WorkerProcess(settings_a, log_dir / "a.log").start(),
+               WorkerProcess(settings_b, log_dir / "b.log").start()]
     try:
         def both_own_partitions() -> bool:
             try:
@@ -238,3 +249,44 @@ def _metric(worker: WorkerProcess, name: str) -> float:
             if line.startswith(name + " "):
                 return float(line.split()[1])
     raise AssertionError(f"{name} not exported")
+
+
+def test_readers_and_assets_commands_and_a_running_worker_following_them(broker, prefix, log_dir):
+    """``fleetstream readers|assets load/list/delete`` against the broker; the worker follows the readers topic
+    while it runs (a deleted reader's reads are dead-lettered as unknown_reader)."""
+    settings = worker_settings(
+        broker.url, prefix, log_dir, partitions=2, rfid_topic=f"{prefix}.rfid", readers_topic=f"{prefix}.readers",
+        assets_topic=f"{prefix}.assets", asset_registry_topic=f"{prefix}.asset.registry",
+    )
+    loaded = cli(settings, "readers", "load", str(ROOT / "examples" / "readers.json"))
+    assert loaded.returncode == 0 and "published 10 readers" in loaded.stdout, loaded.stderr
+    bad = log_dir / "bad.json"
+    bad.write_text(json.dumps([{"reader_id": "r", "lat": 95, "lon": 0}]))
+    refused = cli(settings, "readers", "load", str(bad))
+    assert refused.returncode == 2 and "lat 95" in refused.stderr
+    listed = cli(settings, "readers", "list")
+    assert len(listed.stdout.splitlines()) == 10 and "truck-12-bay\tvehicle\tvehicle veh-0012" in listed.stdout
+    assets_file = log_dir / "assets.json"
+    assets_file.write_text(json.dumps({"P1": {"keep_inside": True, "authorised_vehicles": ["veh-0012"]}}))
+    assert cli(settings, "assets", "load", str(assets_file)).returncode == 0
+    assert orjson.loads(cli(settings, "assets", "list", "--json").stdout) == {
+        "P1": {"keep_inside": True, "authorised_vehicles": ["veh-0012"]}}
+
+    worker = WorkerProcess(settings, log_dir / "worker.log").start()
+    try:
+        wait_until(lambda: rfid_status(worker)["readers"] == 10, "readers loaded", worker)
+        now_ms = int(time.time() * 1000) - 60_000
+        read = {"tag_id": "P1", "reader_id": "dock-door-1", "ts": now_ms}
+        asyncio.run(produce(broker.bootstrap, settings.rfid_topic, [(b"P1", orjson.dumps(read))]))
+        [event] = [r.json() for r in asyncio.run(read_topic(broker.bootstrap, settings.assets_topic, expect=1))]
+        assert (event["type"], event["zone_id"]) == ("arrived", "dock-1")
+        assert cli(settings, "readers", "delete", "dock-door-1").returncode == 0
+        wait_until(lambda: rfid_status(worker)["readers"] == 9, "the reader deleted", worker)
+        later = {**read, "ts": now_ms + 10_000}
+        asyncio.run(produce(broker.bootstrap, settings.rfid_topic, [(b"P1", orjson.dumps(later))]))
+        dead = asyncio.run(read_topic(broker.bootstrap, settings.deadletter_topic, expect=1))
+        assert [(d.json()["source_topic"], d.json()["error"]["reason"]) for d in dead] == [
+            (settings.rfid_topic, "unknown_reader")]
+        assert "9 readers" in cli(settings, "readers", "list").stderr
+    finally:
+        worker.stop()
