@@ -76,7 +76,6 @@ class RfidWorker:
         self._stale = True  # heap, inventory and event clock to rebuild from the store (after a rebalance)
         self.placed: dict[str, AssetState] = {}  # acknowledged states of this worker's active partitions
         self.inventory = Inventory()
-        self._readers_version: object = None
 
     # -- start
 
@@ -314,6 +313,7 @@ class RfidWorker:
         self.placed = placed
         self.inventory = Inventory.from_states(placed.values())
         self._stale = False
+        self.refresh_gauges()
 
     # -- queries (the API)
 
