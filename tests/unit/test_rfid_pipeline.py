@@ -4,13 +4,17 @@ fires deadlines against the watermark it is given."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
+from pathlib import Path
 
 import orjson
+import pytest
 
-from fleetstream.codecs import format_ts
+from fleetstream.codecs import format_ts, parse_ts
 from fleetstream.config import Settings
 from fleetstream.domain.assets import AssetRegistry
+from fleetstream.domain.models import RfidRead
 from fleetstream.domain.readers import ReaderRegistry
 from fleetstream.streaming.pipeline import InRecord
 from fleetstream.streaming.rfid_pipeline import RfidOutput, RfidPipeline, TagEntry, decode_entry, encode_entry
@@ -122,3 +126,62 @@ def test_entries_round_trip():
     out = pipeline(store, readers).process([read("p", "dock", 0, 0)])
     _, entry = out.new_entries["p"]
     assert decode_entry(encode_entry("p", entry)) == entry
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_batches_in_flight_give_the_domains_warehouse_day(seed):
+    """The warehouse day through the pipeline in random batch sizes, two batches in flight (the second reads the
+    first's states from ``pending``, not the store), timers between batches: exactly the domain's events and
+    alerts."""
+    from tests.unit.test_assets import EXPECTED_DAY_ALERTS, EXPECTED_DAY_EVENTS, PALLETS, warehouse_script
+    from tests.unit.test_assets import T0 as DAY_T0
+
+    store, vehicles = Store(), {}
+    readers = ReaderRegistry.load(Path(__file__).resolve().parents[2] / "examples" / "readers.json")
+    rfid = RfidPipeline(
+        Settings.load(env={}, rfid_switch_after_s=5, rfid_separation_after_s=60), store, changelog_topic=CHANGELOG,
+        readers=lambda: readers, assets=lambda: AssetRegistry.from_dict(PALLETS), vehicles=lambda: vehicles,
+        clock_ms=lambda: DAY_T0 + 3_600_000,
+    )
+    rng = random.Random(seed)
+    outputs: list[RfidOutput] = []
+    inflight: list[RfidOutput] = []
+
+    def pending() -> dict:
+        merged: dict = {}
+        for out in inflight:  # oldest first: newer batches win
+            merged.update(out.new_entries)
+        return merged
+
+    def flush(out: RfidOutput) -> None:
+        outputs.append(out)
+        inflight.append(out)
+        if len(inflight) > 1:  # the oldest batch is acknowledged: its states reach the store
+            store.apply(inflight.pop(0))
+
+    batch: list[InRecord] = []
+    newest = DAY_T0
+    for offset, (_, _, item) in enumerate(warehouse_script()):
+        if isinstance(item, RfidRead):
+            doc = {"tag_id": item.tag_id, "reader_id": item.reader_id, "ts": item.ts_ms, "rssi_dbm": item.rssi_dbm}
+            batch.append(InRecord("fleet.rfid", 0, offset, item.tag_id.encode(), orjson.dumps(doc)))
+            newest = max(newest, item.ts_ms)
+            if len(batch) < rng.randrange(1, 400):
+                continue
+        else:
+            vehicles[item[0]] = item[1]  # the truck's fix reaches the view before the reads after it
+        if batch:
+            flush(rfid.process(batch, pending()))
+            batch = []
+            tags = {tag for out in outputs for tag in out.new_entries}
+            flush(rfid.tick([(0, tag) for tag in sorted(tags)], pending(), lambda partition, mark=newest: mark))
+    flush(rfid.process(batch, pending()))
+    flush(rfid.tick([(0, tag) for tag in PALLETS], pending(), lambda partition: DAY_T0 + 900_000))
+
+    found = [topics(out) for out in outputs]
+    events = [(e["type"], e["tag_id"], e["zone_id"] or e["vehicle_id"], (parse_ts(e["ts"]) - DAY_T0) / 1000)
+              for f in found for e in f.get("fleet.assets", ())]
+    alerts = [(a["rule"], a["state"], a["subject_id"], (parse_ts(a["ts"]) - DAY_T0) / 1000)
+              for f in found for a in f.get("fleet.alerts", ())]
+    assert sorted(events, key=lambda e: (e[1], e[3])) == EXPECTED_DAY_EVENTS
+    assert sorted(alerts, key=lambda a: (a[3], a[0])) == EXPECTED_DAY_ALERTS
