@@ -155,7 +155,11 @@ class RfidWorker:
         due.extend((partition, tag) for tag, partition in self._held.items())
         if not due:
             return
-        output = self.pipeline.tick(due, self._pending, watermark)  # no await until its states are registered
+        try:
+            output = self.pipeline.tick(due, self._pending, watermark)  # no await until its states are registered
+        except Exception:  # a timer must not stop the worker; these deadlines come back with the tags' next reads
+            log.exception("RFID timer failed for %d tags; their deadlines wait for their next reads", len(due))
+            return
         if output.records or output.state_writes:
             await self._emit(output, (), started)
 
