@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import h3
@@ -101,7 +102,9 @@ def work(key: bytes | None, value: bytes | None, now_ms: int) -> list[bytes]:
     return out
 
 
-async def run_aiokafka(bootstrap: str, topic: str, out_topic: str, n_fixes: int) -> tuple[float, float]:
+async def run_aiokafka(bootstrap: str, topic: str, out_topic: str, n_fixes: int,
+                       work: Callable[[bytes | None, bytes | None, int], list[bytes]] = work) -> tuple[float, float]:
+    """``work``: the per-message work (decode + validate + H3 + encode here; benchmarks/rfid.py passes its own)."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     from fleetstream.streaming.output import BatchProducer, OutRecord

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fleetstream.config import ENV_PREFIX, Settings, SettingsError, setting_fields
+from fleetstream.rfid_cli import add_rfid_commands, run_rfid_command
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     for parser_ in (rules_load, rules_delete, rules_list):
         _add_settings_flags(parser_, only=rules_only)
 
+    add_rfid_commands(sub, _add_settings_flags)  # readers, assets
+
     broker = sub.add_parser("broker", help="run the embedded Tansu broker (Kafka protocol, memory storage)")
     broker.add_argument("--host", default="127.0.0.1")
     broker.add_argument("--port", type=int, default=9092)
@@ -126,10 +129,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         settings = _settings_from(args)  # refuse bad settings before importing Faust
         from fleetstream.domain.geofences import GeofenceError
         from fleetstream.domain.rules import RuleError
+        from fleetstream.rfid_cli import RFID_FILE_ERRORS  # --readers-file / --assets-file refused
         from fleetstream.streaming.runner import run_worker
 
         try:
             return run_worker(settings)
+        except RFID_FILE_ERRORS as exc:
+            print(f"fleetstream worker: refused: {exc}", file=sys.stderr)
+            return 2
         except (GeofenceError, RuleError, FileNotFoundError) as exc:  # --geofences-file / --rules-file refused
             print(f"fleetstream worker: refused: {exc}", file=sys.stderr)
             return 2
@@ -153,6 +160,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run_geofences(args)
     if args.command == "rules":
         return _run_rules(args)
+    if args.command in ("readers", "assets"):
+        return run_rfid_command(args, _settings_from(args))
     raise AssertionError(args.command)
 
 

@@ -148,6 +148,51 @@ class Settings:
     fleet_offline_after_s: float = _opt(
         600.0, "The fleet summary (GET /fleet) counts a device offline when its last fix is older than this", min=1
     )
+    # --- RFID assets (readers, reads, asset state, inventory) ---------------------------------------------
+    rfid_topic: str = _opt("fleet.rfid", "Input: RFID reads {tag_id, reader_id, ts, rssi_dbm?, antenna?} (key tag_id)")
+    readers_topic: str = _opt("fleet.readers", "Compacted: RFID readers (key reader_id; null deletes)")
+    asset_registry_topic: str = _opt(
+        "fleet.asset.registry", "Compacted: per-tag asset metadata (keep_inside, authorised_vehicles, "
+        "expected_zones, timeouts; key tag_id; null deletes)",
+    )
+    assets_topic: str = _opt("fleet.assets", "Output: asset arrived/departed/loaded/unloaded events (key tag_id)")
+    readers_file: str = _opt("", "JSON or YAML readers file to publish to the readers topic and load at start")
+    assets_file: str = _opt("", "JSON or YAML asset metadata file to publish to the asset registry topic at start")
+    rfid_unknown_reader: str = _opt(
+        "deadletter", "A read from a reader the registry does not know: dead-letter it (reason unknown_reader), "
+        "or hold it in the tag's held reads until the reader is defined (at most rfid_hold_max per tag, for "
+        "rfid_hold_s; then dead-lettered)", choices=("deadletter", "hold"),
+    )
+    rfid_hold_max: int = _opt(100, "Most reads held per tag while their reader is unknown", min=1)
+    rfid_hold_s: float = _opt(300.0, "Longest a read waits for its unknown reader (event time)", min=0)
+    rfid_dedup_window_s: float = _opt(1.0, "Reads of a tag by one reader within this window are duplicates", min=0)
+    rfid_switch_margin_db: float = _opt(
+        6.0, "Another place takes a tag at once when its reader is this many dB stronger", min=0.001
+    )
+    rfid_switch_after_s: float = _opt(
+        5.0, "Another place takes a tag when its current place has not read it this long (at least twice the "
+        "dedup window)", min=0,
+    )
+    rfid_missing_after_s: float = _opt(
+        0.0, "asset_missing after this long unread at a storage place (0: only assets that set missing_after_s)",
+        min=0,
+    )
+    rfid_separation_after_s: float = _opt(
+        120.0, "separation when a loaded asset is not read by its moving vehicle this long (0: off)", min=0
+    )
+    rfid_unaccompanied_motion: bool = _opt(True, "Alert when an asset moves between fixed places with no vehicle")
+    rfid_lateness_s: float = _opt(
+        2.0, "Deadlines (switches, missing, separation) fire this long after the event time reaches them, so "
+        "reads that arrive that late still count", min=0,
+    )
+    rfid_idle_s: float = _opt(
+        5.0, "A partition without reads this long (wall time) follows the worker's event clock, which runs on with "
+        "the wall clock once no reads arrive at all", min=0.1,
+    )
+    rfid_vehicle_lookback: int = _opt(
+        10_000, "Enriched positions re-read per partition at start to learn where reader-carrying vehicles are",
+        min=0,
+    )
     # --- storage and serving ------------------------------------------------------------------------------
     data_dir: str = _opt("fleetstream-data", "Directory for table storage (RocksDB) and worker state")
     table_store: str = _opt(

@@ -813,7 +813,11 @@ class _Work:
                         vehicle_id=self.vehicle_id)
 
     def follow_vehicle(self, reader: Reader, ts: int) -> None:
-        """Read by its vehicle again: take the vehicle's position and geofences (travelling with it)."""
+        """Read by its vehicle again: take the vehicle's position and geofences (travelling with it). A vehicle
+        whose position is not known (yet, or no longer: a worker restarted) leaves the asset where it was, rather
+        than taking it out of its geofences."""
+        if self.vehicles.get(reader.vehicle_id) is None:  # type: ignore[arg-type]
+            return
         zones, vehicle_id, lat, lon = self.place_of(reader)
         self.lat, self.lon = lat, lon
         if zones == self.zones:

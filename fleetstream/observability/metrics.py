@@ -31,8 +31,8 @@ PREFIX = "fleetstream"
 LAG_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
 BATCH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-# every dead-letter reason the worker writes: the codecs' reasons plus the pipeline's own catch-all
-DEADLETTER_REASONS = (*REASONS, "internal_error")
+# every dead-letter reason the worker writes: the codecs' reasons plus the pipelines' own
+DEADLETTER_REASONS = (*REASONS, "internal_error", "unknown_reader")  # unknown_reader: RFID reads (rfid_pipeline)
 # alert severities (the rules' Severity enum); kept here so this module does not depend on the rules engine
 SEVERITIES = ("critical", "major", "minor", "warning", "info")
 RECOVERY_ROLES = ("active", "standby")

@@ -709,6 +709,9 @@ def create_app(
         worker.on_assignment_changed()
 
     register_api(app, worker, settings, table, aggregate_tables[1] if aggregate_tables else None)
+    from fleetstream.streaming.rfid import register_rfid  # (imports this module) RFID agent, table, timer, routes
+
+    register_rfid(app, settings, metrics if settings.metrics_enabled else None)
 
     @app.timer(settings.timer_interval_s)
     async def timers() -> None:

@@ -38,6 +38,17 @@ def run_worker(settings: Settings) -> int:
         from fleetstream.streaming.rules_feed import publish_rules
 
         loop.run_until_complete(publish_rules(settings, load_rules(settings.rules_file)))
+    if settings.readers_file or settings.assets_file:  # RFID readers and asset metadata: validated whole first
+        from fleetstream.domain.assets import AssetRegistry
+        from fleetstream.domain.readers import ReaderRegistry
+        from fleetstream.streaming.readers_feed import publish_assets, publish_readers
+
+        readers = ReaderRegistry.load(settings.readers_file) if settings.readers_file else None
+        assets = AssetRegistry.load(settings.assets_file) if settings.assets_file else None
+        if readers is not None:
+            loop.run_until_complete(publish_readers(settings, readers))
+        if assets is not None:
+            loop.run_until_complete(publish_assets(settings, assets))
     app = create_app(settings)
     level = getattr(logging, settings.log_level.upper())
     worker = _Worker(app, loglevel=settings.log_level, loop=loop, fleetstream_level=level)

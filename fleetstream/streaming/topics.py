@@ -40,6 +40,11 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.rules_topic, 1, compacted=True),
         # one partition: read by every worker into a global table (FIELD-NOTES: GlobalTable needs 1)
         TopicSpec(settings.geofences_topic, 1, compacted=True),
+        # RFID: reads and asset events by tag; readers and asset metadata read in full by every worker
+        TopicSpec(settings.rfid_topic, n),
+        TopicSpec(settings.assets_topic, n),
+        TopicSpec(settings.readers_topic, 1, compacted=True),
+        TopicSpec(settings.asset_registry_topic, 1, compacted=True),
     ]
 
 

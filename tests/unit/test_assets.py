@@ -215,6 +215,19 @@ def test_loaded_tags_follow_the_vehicle_and_its_geofences_then_unload():
     assert not alerts and run.states["p"].vehicle_id is None
 
 
+def test_a_vehicle_whose_position_is_unknown_leaves_its_load_where_it_was():
+    """A worker that restarts before the vehicle reports again must not take the load out of its geofences."""
+    truck = {"veh-0012": VehicleFix(53.4010, -2.9849, "stopped", ("depot",))}
+    run = Run(vehicles=truck)
+    run.read("p", "truck-12-bay", 0, -40)
+    assert run.states["p"].zones == ("depot",)
+    del truck["veh-0012"]
+    assert run.read("p", "truck-12-bay", 5, -40) == ([], [])
+    assert run.states["p"].zones == ("depot",) and run.states["p"].lat == 53.4010
+    truck["veh-0012"] = VehicleFix(53.3990, -2.9870, "moving", ())
+    assert run.read("p", "truck-12-bay", 10, -40) == ([("departed", "p", "depot", 10)], [])
+
+
 def test_a_gate_never_takes_a_tag_from_a_vehicle_still_reading_it():
     run = Run(vehicles={"veh-0012": VehicleFix(53.4, -2.98, "moving", ("depot",))})
     run.read("p", "truck-12-bay", 0, -45)
