@@ -171,17 +171,15 @@ def _bbox_param(query: Any) -> tuple[float, float, float, float] | None:
     return min_lat, min_lon, max_lat, max_lon
 
 
-def register_api(app: faust.App, worker: PositionWorker, settings: Settings, table: faust.Table,
-                 cells_table: faust.Table | None = None) -> None:
-    """Add the query API's views to ``app``."""
+def json_error(web: faust.web.Web, status: int, code: str, detail: str) -> faust.web.Response:
+    return web.json({"error": code, "detail": detail}, status=status)
+
+
+def make_guard(settings: Settings) -> Callable[[Handler], Handler]:
+    """A decorator for view handlers: the bearer-token check and uniform JSON errors (400, 401, 404, 503)."""
     token = settings.api_token.encode()
 
-    def json_error(web: faust.web.Web, status: int, code: str, detail: str) -> faust.web.Response:
-        return web.json({"error": code, "detail": detail}, status=status)
-
     def guarded(handler: Handler) -> Handler:
-        """Bearer-token check and uniform JSON errors around a view handler."""
-
         @wraps(handler)
         async def wrapper(view: faust.web.View, request: faust.web.Request, *args: Any, **kwargs: Any) -> Any:
             if token:
@@ -199,25 +197,37 @@ def register_api(app: faust.App, worker: PositionWorker, settings: Settings, tab
 
         return wrapper
 
+    return guarded
+
+
+def make_gather(app: faust.App) -> Callable[[faust.web.Request, Callable[[], Any]], Awaitable[list[Any]]]:
+    """``gather(request, local)``: ``local()`` here and the same request with ``scope=local`` on every other
+    worker of the group (from the assignment), this worker's answer first."""
+
     async def gather(request: faust.web.Request, local: Callable[[], Any]) -> list[Any]:
-        """Run ``local`` here and the same request with ``scope=local`` on every other worker of the group."""
         if request.query.get("scope") == "local":
             return [local()]
         me = str(app.conf.canonical_url).rstrip("/")
-        hosts = {str(url).rstrip("/") for url in app.router.tables_metadata()}
-        others = sorted(hosts - {me})
+        others = sorted({str(url).rstrip("/") for url in app.router.tables_metadata()} - {me})
         headers = {"Authorization": request.headers["Authorization"]} if "Authorization" in request.headers else {}
 
         async def remote(host: str) -> Any:
-            url = f"{host}{request.path}"
             params = {**request.query, "scope": "local"}
-            async with app.http_client.get(url, params=params, headers=headers) as response:
+            async with app.http_client.get(f"{host}{request.path}", params=params, headers=headers) as response:
                 if response.status != 200:
                     raise ServiceUnavailable(f"{host} answered {response.status}")
                 return await response.json()
 
-        answers = await asyncio.gather(*(remote(host) for host in others))
-        return [local(), *answers]
+        return [local(), *await asyncio.gather(*(remote(host) for host in others))]
+
+    return gather
+
+
+def register_api(app: faust.App, worker: PositionWorker, settings: Settings, table: faust.Table,
+                 cells_table: faust.Table | None = None) -> None:
+    """Add the query API's views to ``app``."""
+    guarded = make_guard(settings)
+    gather = make_gather(app)
 
     @app.page("/devices/{device_id}")
     class DeviceView(faust.web.View):

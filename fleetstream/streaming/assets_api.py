@@ -10,10 +10,7 @@ answer 503 rather than half an answer.
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 from collections.abc import Awaitable, Callable
-from functools import wraps
 from typing import TYPE_CHECKING, Any
 
 import faust
@@ -22,7 +19,14 @@ from faust.web.exceptions import ServiceUnavailable
 from fleetstream.codecs import format_ts
 from fleetstream.config import Settings
 from fleetstream.domain.assets import AssetState
-from fleetstream.streaming.api import DEFAULT_LIMIT, MAX_LIMIT, BadRequest, _int_param
+from fleetstream.streaming.api import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    _int_param,
+    json_error,
+    make_gather,
+    make_guard,
+)
 
 if TYPE_CHECKING:
     from fleetstream.streaming.rfid import RfidWorker
@@ -44,43 +48,8 @@ def asset_view(state: AssetState) -> dict[str, Any]:
 
 def register_assets_api(app: faust.App, worker: RfidWorker, settings: Settings, table: faust.Table) -> None:
     """Add the asset views to ``app``."""
-    token = settings.api_token.encode()
-
-    def json_error(web: faust.web.Web, status: int, code: str, detail: str) -> faust.web.Response:
-        return web.json({"error": code, "detail": detail}, status=status)
-
-    def guarded(handler: Handler) -> Handler:
-        @wraps(handler)
-        async def wrapper(view: faust.web.View, request: faust.web.Request, *args: Any, **kwargs: Any) -> Any:
-            if token:
-                given = request.headers.get("Authorization", "")
-                if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token)):
-                    return json_error(view.web, 401, "unauthorized", "a bearer token is required")
-            try:
-                return await handler(view, request, *args, **kwargs)
-            except BadRequest as exc:
-                return json_error(view.web, 400, "bad_request", str(exc))
-            except ServiceUnavailable:
-                return json_error(view.web, 503, "unavailable", "the group's partition assignment is not known yet")
-
-        return wrapper
-
-    async def gather(request: faust.web.Request, local: Callable[[], Any]) -> list[Any]:
-        """``local`` here and the same request with ``scope=local`` on every other worker of the group."""
-        if request.query.get("scope") == "local":
-            return [local()]
-        me = str(app.conf.canonical_url).rstrip("/")
-        others = sorted({str(url).rstrip("/") for url in app.router.tables_metadata()} - {me})
-        headers = {"Authorization": request.headers["Authorization"]} if "Authorization" in request.headers else {}
-
-        async def remote(host: str) -> Any:
-            params = {**request.query, "scope": "local"}
-            async with app.http_client.get(f"{host}{request.path}", params=params, headers=headers) as response:
-                if response.status != 200:
-                    raise ServiceUnavailable(f"{host} answered {response.status}")
-                return await response.json()
-
-        return [local(), *await asyncio.gather(*(remote(host) for host in others))]
+    guarded = make_guard(settings)
+    gather = make_gather(app)
 
     @app.page("/assets/{tag_id}")
     class AssetView(faust.web.View):
