@@ -298,11 +298,19 @@ def main() -> None:
                 if other != "worker":
                     print(f"           {other} / worker = {rates[other] / rates['worker']:.2f}x")
         if "worker-noagg" in rates and "worker" in rates:
-            print(f"           worker (aggregation on) / worker-noagg = {rates['worker'] / rates['worker-noagg']:.2f}x")
+            print(f"           worker (aggregation on) / worker-noagg = {rates['worker'] / rates['worker-noagg']:.2f}x"
+                  f" (median of the runs' own ratios: {paired(results, mode, 'worker', 'worker-noagg'):.2f}x)")
         if "worker-bare" in rates:
             for other in rates:
                 if other.startswith("worker") and other != "worker-bare":
-                    print(f"           {other} / worker-bare = {rates[other] / rates['worker-bare']:.2f}x")
+                    print(f"           {other} / worker-bare = {rates[other] / rates['worker-bare']:.2f}x"
+                          f" (median of the runs' own ratios: {paired(results, mode, other, 'worker-bare'):.2f}x)")
+
+
+def paired(results: dict[tuple[int, str], list[tuple[float, float]]], mode: int, name: str, base: str) -> float:
+    """The median over runs of each run's rate ratio: the two ran back to back, so a noisy stretch of the shared
+    machine hits both sides of a pair more often than it hits two medians alike."""
+    return statistics.median(a[0] / b[0] for a, b in zip(results[(mode, name)], results[(mode, base)], strict=True))
 
 
 def publish_fences(broker_url: str, count: int) -> str:

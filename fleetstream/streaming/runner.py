@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
 import faust
@@ -26,7 +27,15 @@ class _Worker(faust.Worker):
         logger.setLevel(self._fleetstream_level)
 
 
+# Young-generation collections every 50,000 allocations instead of 700: a batch allocates hundreds of thousands
+# of short-lived objects (decoded fixes, outputs, rows) over a heap of device states and Faust's own objects, and
+# CPython's defaults spent several µs per fix collecting them. Measured in benchmarks/pipeline_cpu.py terms: the
+# aggregating pipeline went from ~20 to ~17 µs per fix with these thresholds.
+GC_THRESHOLDS = (50_000, 20, 20)
+
+
 def run_worker(settings: Settings) -> int:
+    gc.set_threshold(*GC_THRESHOLDS)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(ensure_topics(settings))
@@ -52,5 +61,6 @@ def run_worker(settings: Settings) -> int:
     app = create_app(settings)
     level = getattr(logging, settings.log_level.upper())
     worker = _Worker(app, loglevel=settings.log_level, loop=loop, fleetstream_level=level)
+    gc.freeze()  # what start-up made (modules, app, tables' objects) is never collected: leave it out of every scan
     worker.execute_from_commandline()
     return 0
