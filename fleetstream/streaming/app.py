@@ -627,7 +627,8 @@ class PositionWorker:
             m.processing_latency.observe_many(now - kafka_ts)  # Faust's Message.timestamp is in seconds
             m.batch_size.observe(output.messages)
             m.batch_seconds.observe(time.perf_counter() - started)
-            m.last_input_timestamp.set(now)
+            if output.fixes or output.telemetry:  # (the workers' own partials keep coming when devices do not)
+                m.last_input_timestamp.set(now)
         if output.late_aggregate:
             m.late_records.labels("cells").inc(output.late_aggregate)
         m.devices.set(len(self.directory) if not self._directory_stale else len(self.stats.devices))
