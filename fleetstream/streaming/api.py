@@ -402,8 +402,8 @@ def register_api(app: faust.App, worker: PositionWorker, settings: Settings, tab
             async def get(self, request: faust.web.Request, h3_cell: str) -> faust.web.Response:
                 cell = cell_param(h3_cell)
                 window = _window_param(request.query)
-                partition = app.producer.key_partition(settings.cell_partials_topic, cell.encode()).partition
-                stats = aggregation().cell(partition, cell, window)
+                agg = aggregation()
+                stats = agg.cell(agg.partition_of(cell), cell, window)
                 if stats is None:
                     which = "any retained window" if window is None else f"the window starting {format_ts(window)}"
                     return json_error(self.web, 404, "not_found", f"cell {cell} has no statistics for {which}")
