@@ -62,6 +62,7 @@ from shapely.geometry import Polygon
 
 from fleetstream.domain.geo import EARTH_RADIUS_M, destination
 from fleetstream.domain.geofences import Geofence, GeofenceKind
+from fleetstream.domain.polygrid import PolygonGrids
 
 LOOKUP_RESOLUTION = 11  # points are looked up by their cell at this resolution, and its parents
 MAX_RESOLUTION = LOOKUP_RESOLUTION
@@ -240,12 +241,18 @@ class _Shapes:
     """The geofences as arrays for vectorized tests: kind numbers, prepared geometries, circle centres, radii
     and every corridor segment (radians: lat1, lon1, lat2, lon2) in one table, CSR by fence number."""
 
-    def __init__(self, fences: Sequence[Geofence]) -> None:
+    def __init__(self, fences: Sequence[Geofence], exact: bool = False) -> None:
         self.kinds = np.array([_KINDS.index(f.kind) for f in fences], dtype=np.int8)
         self.geoms = np.empty(len(fences), dtype=object)
         self.geoms[:] = [f.geometry for f in fences]
-        if (self.kinds == 0).any():
-            shapely.prepare(self.geoms[self.kinds == 0])
+        polygons = np.flatnonzero(self.kinds == 0)
+        self.grids: PolygonGrids | None = None
+        if exact:  # the lookup's exact test: polygon grids (numbered by polygon) instead of GEOS
+            self.grids = PolygonGrids(self.geoms[polygons])
+            self.grid_of = np.full(len(fences), -1, dtype=np.int64)
+            self.grid_of[polygons] = np.arange(len(polygons))
+        elif len(polygons):
+            shapely.prepare(self.geoms[polygons])
         self.radius = np.array([f.radius_m for f in fences], dtype=np.float64)
         circles = self.kinds == 1
         self.center = np.zeros((len(fences), 2))
@@ -269,7 +276,10 @@ class _Shapes:
         kinds = self.kinds[fences]
         poly = kinds == 0
         if poly.any():
-            ok[poly] = shapely.intersects_xy(self.geoms[fences[poly]], lons[poly], lats[poly])
+            if self.grids is not None:
+                ok[poly] = self.grids.covers(self.grid_of[fences[poly]], lons[poly], lats[poly])
+            else:
+                ok[poly] = shapely.intersects_xy(self.geoms[fences[poly]], lons[poly], lats[poly])
         other = ~poly
         if other.any():
             ok[other] = self.distance_m(fences[other], lats[other], lons[other]) <= self.radius[fences[other]]
@@ -445,7 +455,7 @@ class GeofenceIndex:
         self._number = {fence.id: i for i, fence in enumerate(self.fences)}
         self._covers = covers
         self.ids = np.array([f.id for f in self.fences], dtype=object)
-        self._shapes = _Shapes(self.fences)
+        self._shapes = _Shapes(self.fences, exact=True)
         self._answers = AnswerSets(self.ids)
         self._cross = [(f.id, _candidate_polygon(f)) for f in self.fences if f.settings.cross]
         self.has_cross = bool(self._cross)
