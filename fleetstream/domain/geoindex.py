@@ -62,6 +62,7 @@ from shapely.geometry import Polygon
 
 from fleetstream.domain.geo import EARTH_RADIUS_M, destination
 from fleetstream.domain.geofences import Geofence, GeofenceKind
+from fleetstream.domain.cellhash import CellHash
 from fleetstream.domain.polygrid import PolygonGrids
 
 LOOKUP_RESOLUTION = 11  # points are looked up by their cell at this resolution, and its parents
@@ -485,18 +486,23 @@ class GeofenceIndex:
         return GeofenceIndex(list(fences.values()), covers)
 
     def _build_table(self) -> None:
-        """All cover cells of all resolutions in one sorted array, with CSR lists of interior and boundary fence
-        numbers per cell (one searchsorted per batch finds every resolution's cells)."""
+        """All cover cells of all resolutions in one hash table (cell -> row), and per row one CSR list of fence
+        numbers, interior ones as f and boundary ones as ~f (one expansion per batch yields both)."""
         covers = [self._covers[f.id] for f in self.fences]
         counts_i = np.array([len(c.interior) for c in covers], dtype=np.int64)
         counts_b = np.array([len(c.boundary) for c in covers], dtype=np.int64)
         inner_keys = np.concatenate([c.interior for c in covers]) if covers else np.empty(0, np.uint64)
         edge_keys = np.concatenate([c.boundary for c in covers]) if covers else np.empty(0, np.uint64)
         numbers = np.arange(len(covers), dtype=np.int32)
-        self._cells = np.unique(np.concatenate((inner_keys, edge_keys)))
-        self._interior_ptr, self._interior = _csr(self._cells, inner_keys, np.repeat(numbers, counts_i))
-        self._boundary_ptr, self._boundary = _csr(self._cells, edge_keys, np.repeat(numbers, counts_b))
-        res = np.unique(cell_resolutions(self._cells))
+        keys = np.concatenate((inner_keys, edge_keys))
+        values = np.concatenate((np.repeat(numbers, counts_i), ~np.repeat(numbers, counts_b)))
+        cells, rows = np.unique(keys, return_inverse=True)
+        order = np.argsort(rows, kind="stable")
+        self._values = values[order].astype(np.int32)
+        self._ptr = np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=len(cells))))).astype(np.int32)
+        self._table = CellHash(cells)
+        self._n_cells = len(cells)
+        res = np.unique(cell_resolutions(cells))
         self._resolutions = tuple(int(r) for r in res)
         self._res_column = res.astype(np.uint64)[:, None]
 
@@ -521,26 +527,23 @@ class GeofenceIndex:
         """Sorted ids of the geofences covering each point. ``cells``: the points' cells at LOOKUP_RESOLUTION
         (uint64), when the caller has them already."""
         n = len(lats)
-        if n == 0 or not len(self._cells):
+        if n == 0 or not self._n_cells:
             return [()] * n
         lats = np.asarray(lats, dtype=np.float64)
         lons = np.asarray(lons, dtype=np.float64)
         if cells is None:
             cells = self.cells_for(lats, lons)
         cells = np.asarray(cells, dtype=np.uint64)
-        order = np.argsort(cells, kind="stable")  # sorted keys: searchsorted resumes from the previous answer
-        keys = parent_cells(cells[order][None, :], self._res_column).ravel()
-        table = self._cells
-        pos = np.searchsorted(table, keys)
-        pos[pos == len(table)] = 0
-        found = np.flatnonzero(table[pos] == keys)
-        rows, points = pos[found], order[found % n]
-        p, f = _expand(self._interior_ptr, self._interior, rows, points)
-        bp, bf = _expand(self._boundary_ptr, self._boundary, rows, points)
-        if len(bp):
+        rows = self._table.find(parent_cells(cells[None, :], self._res_column).ravel())
+        found = np.flatnonzero(rows >= 0)
+        points, fences = _expand(self._ptr, self._values, rows[found], found % n)
+        edge = fences < 0
+        if edge.any():
+            bp, bf = points[edge], ~fences[edge]
             ok = self._shapes.test(bf, lats[bp], lons[bp])
-            p, f = np.concatenate((p, bp[ok])), np.concatenate((f, bf[ok]))
-        return self._answers.tuples(n, p, f)
+            points = np.concatenate((points[~edge], bp[ok]))
+            fences = np.concatenate((fences[~edge], bf[ok]))
+        return self._answers.tuples(n, points, fences)
 
     def lookup_one(self, lat: float, lon: float) -> tuple[str, ...]:
         return self.lookup(np.array([lat]), np.array([lon]))[0]
@@ -574,8 +577,9 @@ class GeofenceIndex:
         """Index memory: numpy arrays exactly (the lookup table and the per-geofence covers kept for
         ``with_changes``), geometries estimated from their coordinates (16 B each plus ~200 B per geometry
         object), plus ~300 B per geofence for records, the id map and the cached 1-tuples."""
-        arrays = sum(a.nbytes for a in (self._cells, self._interior_ptr, self._interior, self._boundary_ptr,
-                                        self._boundary, self._shapes.segs, self._shapes.seg_ptr))
+        arrays = sum(a.nbytes for a in (self._ptr, self._values, self._shapes.segs, self._shapes.seg_ptr))
+        arrays += self._table.memory_bytes()
+        arrays += self._shapes.grids.memory_bytes() if self._shapes.grids is not None else 0
         covers = sum(c.interior.nbytes + c.boundary.nbytes for c in self._covers.values())
         geoms = self._shapes.geoms
         coords = int(shapely.get_num_coordinates(geoms).sum()) if len(geoms) else 0

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import shapely
 
-BUCKETS_PER_EDGE = 1.0  # grid buckets per polygon edge (more: fewer edges per bucket, more memory)
+BUCKETS_PER_EDGE = 2.0  # grid buckets per polygon edge (more: fewer edges per bucket, more memory)
 MAX_SIDE = 256  # buckets along one side of a grid at most
 
 
@@ -93,6 +93,8 @@ class PolygonGrids:
 
         # inside status of each bucket's lower-right corner: per row, the edges crossing its bottom line
         self.corner = self._corner_status(f, x1, y1, x2, y2, total)
+        self._params: np.ndarray | None = None
+        self._sizes: np.ndarray | None = None
 
     def _col(self, f: np.ndarray, x: np.ndarray, slack: float) -> np.ndarray:
         return np.clip(np.floor((x - self.x0[f]) / self.dx[f] + slack), 0, self.nx[f] - 1).astype(np.int64)
@@ -141,33 +143,34 @@ class PolygonGrids:
 
     def covers(self, fences: np.ndarray, lons: np.ndarray, lats: np.ndarray) -> np.ndarray:
         """Whether polygon ``fences[k]`` contains point k (lon/lat planar; boundary within rounding)."""
-        x0, y0, dx, dy = self.x0[fences], self.y0[fences], self.dx[fences], self.dy[fences]
-        nx, ny = self.nx[fences], self.ny[fences]
-        fi = np.floor((lons - x0) / dx)
-        fj = np.floor((lats - y0) / dy)
-        valid = (fi >= 0) & (fi < nx) & (fj >= 0) & (fj < ny)
-        i = np.where(valid, fi, 0).astype(np.int64)
-        j = np.where(valid, fj, 0).astype(np.int64)
-        bucket = self.base[fences] + j * nx + i
+        if self._params is None:  # per grid: x0, y0, dx, dy and nx, ny, base, gathered once per pair
+            self._params = np.column_stack((self.x0, self.y0, self.dx, self.dy))
+            self._sizes = np.column_stack((self.nx, self.ny, self.base))
+        x0, y0, dx, dy = self._params[fences].T
+        nx, ny, base = self._sizes[fences].T
+        i = np.floor((lons - x0) / dx).astype(np.int64)
+        j = np.floor((lats - y0) / dy).astype(np.int64)
+        valid = (i.view(np.uint64) < nx.view(np.uint64)) & (j.view(np.uint64) < ny.view(np.uint64))
+        bucket = np.where(valid, base + j * nx + i, 0)
         inside = self.corner[bucket] & valid
-        starts = self.ptr[bucket].astype(np.int64)
+        starts = self.ptr[bucket]
         counts = np.where(valid, self.ptr[bucket + 1] - starts, 0)
-        total = int(counts.sum())
+        ends = np.cumsum(counts)
+        total = int(ends[-1]) if len(ends) else 0
         if total == 0:
             return inside
         pair = np.repeat(np.arange(len(fences)), counts)
-        e = self.edges[np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(total)]
+        e = self.edges[np.arange(total) + np.repeat(starts - ends + counts, counts)]
         x1, y1, x2, y2 = self.vx[e], self.vy[e], self.vx[e + 1], self.vy[e + 1]
         px, py = lons[pair], lats[pair]
         right = (x0 + (i + 1) * dx)[pair]
-        bottom = (y0 + j * dy)[pair]
         with np.errstate(divide="ignore", invalid="ignore"):
             xint = x1 + (py - y1) * (x2 - x1) / (y2 - y1)
             yint = y1 + (right - x1) * (y2 - y1) / (x2 - x1)
         flip = ((y1 > py) != (y2 > py)) & (xint > px) & (xint <= right)
-        flip ^= ((x1 > right) != (x2 > right)) & (yint >= bottom) & (yint < py)
-        odd = np.bincount(pair[flip], minlength=len(fences)) & 1
-        return inside ^ odd.astype(bool)
+        flip ^= ((x1 > right) != (x2 > right)) & (yint >= (y0 + j * dy)[pair]) & (yint < py)
+        odd = (np.bincount(pair[flip], minlength=len(fences)) & 1).astype(bool)
+        return inside ^ odd
 
     def memory_bytes(self) -> int:
         return sum(a.nbytes for a in (self.vx, self.vy, self.edges, self.ptr, self.corner, self.x0, self.y0,
