@@ -589,20 +589,23 @@ class GeofenceIndex:
 class AnswerSets:
     """Turns (point, fence number) pairs into one tuple of sorted ids per point without a Python loop per
     point: every set of fence numbers met gets a number and its tuple is built once. Set numbers: 0 the empty
-    set, f + 1 the set {f}; a bigger set is numbered by the pair (number of the set without its largest member,
-    that member), kept in sorted arrays so a batch resolves one member rank at a time with ``searchsorted``.
-    Sets learned during a batch are merged in at its end (a few per batch once warm); past ``limit`` sets the
-    memory starts again from the single sets."""
+    set, f + 1 the set {f}; a set of several fences is known by two 64-bit sums (mod 2**64) of random numbers
+    drawn per fence (one ``add.reduceat`` per batch gives every point's), kept in sorted arrays and searched
+    with ``searchsorted``. Two different sets share both sums with probability about 2**-128 per pair of
+    sets. Sets learned during a batch are merged in at its end (a few per batch once warm); past ``limit``
+    sets the memory starts again from the single sets."""
 
     def __init__(self, ids: np.ndarray, limit: int = 1_000_000) -> None:
         self._ids = ids.tolist()
-        self._bits = np.uint64(max(21, (len(self._ids) + 1).bit_length()))
+        rng = np.random.default_rng(0x5EED)
+        self._salt = rng.integers(0, 2**64 - 1, size=(2, len(self._ids)), dtype=np.uint64, endpoint=True)
         self._limit = limit
         self._reset()
 
     def _reset(self) -> None:
-        self._keys = np.empty(0, dtype=np.uint64)  # (smaller set number << bits) | (member + 1), sorted
-        self._sets = np.empty(0, dtype=np.int64)  # the set number of each key
+        self._keys = np.empty(0, dtype=np.uint64)  # first sum of each known set, sorted
+        self._check = np.empty(0, dtype=np.uint64)  # its second sum
+        self._sets = np.empty(0, dtype=np.int64)  # its number
         self._tuples = np.empty(len(self._ids) + 1 + 1024, dtype=object)
         self._tuples[: len(self._ids) + 1] = [(), *((i,) for i in self._ids)]
         self._count = len(self._ids) + 1
@@ -616,32 +619,33 @@ class AnswerSets:
             self._reset()
         sets = np.zeros(n, dtype=np.int64)
         if len(points):
-            order = np.argsort(points.astype(np.int64) * (len(self._ids) + 1) + fences, kind="stable")
-            points, fences = points[order], fences[order]
-            starts = np.flatnonzero(np.diff(points, prepend=-1))
-            rank = np.arange(len(points)) - np.repeat(starts, np.diff(np.append(starts, len(points))))
-            sets[points[starts]] = fences[starts] + 1
-            member = 1
-            while True:
-                at = np.flatnonzero(rank == member)
-                if not len(at):
-                    break
-                p = points[at]
-                sets[p] = self._extend(sets[p], fences[at])
-                member += 1
+            single = np.bincount(points, minlength=n)[points] == 1
+            sets[points[single]] = fences[single] + 1
+            if not single.all():
+                points, fences = points[~single], fences[~single]
+                order = np.argsort(points, kind="stable")
+                points, fences = points[order], fences[order]
+                starts = np.flatnonzero(np.concatenate(([True], points[1:] != points[:-1])))
+                first = np.add.reduceat(self._salt[0, fences], starts)
+                second = np.add.reduceat(self._salt[1, fences], starts)
+                sets[points[starts]] = self._numbers(first, second, fences, starts)
         return self._tuples[sets].tolist()
 
-    def _extend(self, smaller: np.ndarray, members: np.ndarray) -> np.ndarray:
-        """The numbers of the sets ``smaller`` + {member}, each member larger than the smaller set's."""
-        keys = (smaller.astype(np.uint64) << self._bits) | (members + 1).astype(np.uint64)
-        pos = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
-        known = self._keys[pos] == keys if len(self._keys) else np.zeros(len(keys), dtype=bool)
-        result = np.where(known, self._sets[pos] if len(self._keys) else 0, -1)
+    def _numbers(self, first: np.ndarray, second: np.ndarray, fences: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """The set number of every group of ``fences`` (groups begin at ``starts``), learning new sets."""
+        pos = np.minimum(np.searchsorted(self._keys, first), max(len(self._keys) - 1, 0))
+        if len(self._keys):
+            known = (self._keys[pos] == first) & (self._check[pos] == second)
+            result = np.where(known, self._sets[pos], -1)
+        else:
+            known = np.zeros(len(first), dtype=bool)
+            result = np.full(len(first), -1, dtype=np.int64)
         if known.all():
             return result
-        new: dict[int, int] = {}
+        ends = np.append(starts[1:], len(fences))
+        new: dict[tuple[int, int], int] = {}
         for i in np.flatnonzero(~known).tolist():
-            key = int(keys[i])
+            key = (int(first[i]), int(second[i]))
             number = new.get(key)
             if number is None:
                 if self._count >= len(self._tuples):
@@ -649,14 +653,17 @@ class AnswerSets:
                     grown[: self._count] = self._tuples[: self._count]
                     self._tuples = grown
                 number = new[key] = self._count
-                self._tuples[number] = self._tuples[int(smaller[i])] + (self._ids[int(members[i])],)
+                members = sorted(fences[starts[i] : ends[i]].tolist())
+                self._tuples[number] = tuple(self._ids[f] for f in members)
                 self._count += 1
             result[i] = number
-        added = np.fromiter(new, dtype=np.uint64, count=len(new))
+        added = np.array([k[0] for k in new], dtype=np.uint64)
+        check = np.array([k[1] for k in new], dtype=np.uint64)
         numbers = np.fromiter(new.values(), dtype=np.int64, count=len(new))
         order = np.argsort(added)
         at = np.searchsorted(self._keys, added[order])
         self._keys = np.insert(self._keys, at, added[order])
+        self._check = np.insert(self._check, at, check[order])
         self._sets = np.insert(self._sets, at, numbers[order])
         return result
 

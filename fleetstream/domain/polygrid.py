@@ -37,8 +37,9 @@ class PolygonGrids:
         parts, part_of = shapely.get_parts(geoms, return_index=True)
         rings, ring_part = shapely.get_rings(parts, return_index=True)
         coords, ring_of = shapely.get_coordinates(rings, return_index=True)
-        self.vx = np.ascontiguousarray(coords[:, 0])
-        self.vy = np.ascontiguousarray(coords[:, 1])
+        vx, vy = coords[:, 0], coords[:, 1]
+        # x + iy: one gather reads both coordinates (and an edge's two ends usually share a cache line)
+        self.vertices = vx + 1j * vy
         # edge e runs from vertex e to vertex e + 1 of the same ring
         edges = np.flatnonzero(ring_of[1:] == ring_of[:-1])
         edge_fence = part_of[ring_part[ring_of[edges]]]
@@ -59,7 +60,7 @@ class PolygonGrids:
         total = int(sizes.sum())
 
         # edges of each bucket (CSR): candidates from each edge's bounding box, kept when the edge meets the box
-        x1, y1, x2, y2 = self.vx[edges], self.vy[edges], self.vx[edges + 1], self.vy[edges + 1]
+        x1, y1, x2, y2 = vx[edges], vy[edges], vx[edges + 1], vy[edges + 1]
         f = edge_fence
         tol = 1e-9
         i_lo = self._col(f, np.minimum(x1, x2), -tol)
@@ -89,10 +90,12 @@ class PolygonGrids:
         bucket = self.base[cf[keep]] + cj[keep] * self.nx[cf[keep]] + ci[keep]
         order = np.argsort(bucket, kind="stable")
         self.edges = edges[which[keep][order]].astype(np.int32)
-        self.ptr = np.concatenate(([0], np.cumsum(np.bincount(bucket, minlength=total)))).astype(np.int32)
-
+        ptr = np.concatenate(([0], np.cumsum(np.bincount(bucket, minlength=total))))
         # inside status of each bucket's lower-right corner: per row, the edges crossing its bottom line
-        self.corner = self._corner_status(f, x1, y1, x2, y2, total)
+        corner = self._corner_status(f, x1, y1, x2, y2, total)
+        # one int32 per bucket: its first edge << 1 | the corner's status (one gather reads both)
+        self.ptr = (ptr << 1).astype(np.int32)
+        self.ptr[:-1] |= corner
         self._params: np.ndarray | None = None
         self._sizes: np.ndarray | None = None
 
@@ -152,16 +155,18 @@ class PolygonGrids:
         j = np.floor((lats - y0) / dy).astype(np.int64)
         valid = (i.view(np.uint64) < nx.view(np.uint64)) & (j.view(np.uint64) < ny.view(np.uint64))
         bucket = np.where(valid, base + j * nx + i, 0)
-        inside = self.corner[bucket] & valid
-        starts = self.ptr[bucket]
-        counts = np.where(valid, self.ptr[bucket + 1] - starts, 0)
+        packed = self.ptr[bucket]
+        inside = (packed & 1).astype(bool) & valid
+        starts = packed >> 1
+        counts = np.where(valid, (self.ptr[bucket + 1] >> 1) - starts, 0)
         ends = np.cumsum(counts)
         total = int(ends[-1]) if len(ends) else 0
         if total == 0:
             return inside
         pair = np.repeat(np.arange(len(fences)), counts)
         e = self.edges[np.arange(total) + np.repeat(starts - ends + counts, counts)]
-        x1, y1, x2, y2 = self.vx[e], self.vy[e], self.vx[e + 1], self.vy[e + 1]
+        u, v = self.vertices[e], self.vertices[e + 1]
+        x1, y1, x2, y2 = u.real, u.imag, v.real, v.imag
         px, py = lons[pair], lats[pair]
         right = (x0 + (i + 1) * dx)[pair]
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -173,7 +178,7 @@ class PolygonGrids:
         return inside ^ odd
 
     def memory_bytes(self) -> int:
-        return sum(a.nbytes for a in (self.vx, self.vy, self.edges, self.ptr, self.corner, self.x0, self.y0,
+        return sum(a.nbytes for a in (self.vertices, self.edges, self.ptr, self.x0, self.y0,
                                       self.dx, self.dy, self.nx, self.ny, self.base))
 
 
