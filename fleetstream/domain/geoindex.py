@@ -173,6 +173,12 @@ def _haversine_np(lat1: float | np.ndarray, lon1: float | np.ndarray, lat2: np.n
     return 2 * EARTH_RADIUS_M * np.arcsin(np.minimum(1.0, np.sqrt(a)))
 
 
+def _unit(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """Unit vectors (n, 3) of points given in radians."""
+    c = np.cos(lat)
+    return np.column_stack((c * np.cos(lon), c * np.sin(lon), np.sin(lat)))
+
+
 def segment_distance_rad(p1: np.ndarray, l1: np.ndarray, p2: np.ndarray, l2: np.ndarray,
                          phi: np.ndarray, lam: np.ndarray) -> np.ndarray:
     """Angular distance from points (phi, lam) to great-circle segments (p1, l1)-(p2, l2), all in radians and
@@ -270,6 +276,49 @@ class _Shapes:
             self.segs = np.column_stack((rad[:-1, 1], rad[:-1, 0], rad[1:, 1], rad[1:, 0]))[same]
             counts[lines] = np.bincount(which[1:][same], minlength=len(lines))
         self.seg_ptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        if exact:
+            self._prepare_vectors()
+
+    def _prepare_vectors(self) -> None:
+        """Unit vectors for the lookup's circle and corridor tests (chord lengths and dot products, no
+        trigonometry per pair): circle centres; per corridor segment its ends a, b, the unit normal n of its
+        great circle and the normals n x a, b x n of the great circles through its ends (a point projects
+        inside the segment when it is on their positive sides)."""
+        angle = self.radius / EARTH_RADIUS_M
+        self.chord2 = (2 * np.sin(np.minimum(angle, math.pi) / 2)) ** 2
+        self.sin_r = np.sin(np.minimum(angle, math.pi / 2))
+        self.centre_unit = _unit(np.radians(self.center[:, 0]), np.radians(self.center[:, 1]))
+        a, b = _unit(self.segs[:, 0], self.segs[:, 1]), _unit(self.segs[:, 2], self.segs[:, 3])
+        n = np.cross(a, b)
+        norm = np.linalg.norm(n, axis=1, keepdims=True)
+        n = np.where(norm > 0, n / np.where(norm > 0, norm, 1), 0)  # a zero-length segment: its ends only
+        ta, tb = np.cross(n, a), np.cross(b, n)
+        self.seg_vectors = np.concatenate((a, b, n, ta, tb), axis=1)
+        self.seg_degenerate = norm[:, 0] == 0
+
+    def within(self, fences: np.ndarray, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
+        """Circle and corridor pairs: the point within the radius of the centre / centre line, by chord
+        length and cross-track sine (monotonic in the great-circle distance, so the same answer)."""
+        p = _unit(np.radians(lats), np.radians(lons))
+        ok = np.zeros(len(fences), dtype=bool)
+        kinds = self.kinds[fences]
+        circle = np.flatnonzero(kinds == 1)
+        if len(circle):
+            d = p[circle] - self.centre_unit[fences[circle]]
+            ok[circle] = np.einsum("ij,ij->i", d, d) <= self.chord2[fences[circle]]
+        corridor = np.flatnonzero(kinds == 2)
+        if len(corridor):
+            pair, seg = _expand(self.seg_ptr, np.arange(len(self.segs)), fences[corridor], np.arange(len(corridor)))
+            q, v = p[corridor][pair], self.seg_vectors[seg]
+            limit = fences[corridor][pair]
+            chord2 = self.chord2[limit]
+            da, db = q - v[:, 0:3], q - v[:, 3:6]
+            near = (np.einsum("ij,ij->i", da, da) <= chord2) | (np.einsum("ij,ij->i", db, db) <= chord2)
+            on = (np.einsum("ij,ij->i", q, v[:, 9:12]) >= 0) & (np.einsum("ij,ij->i", q, v[:, 12:15]) >= 0)
+            across = np.abs(np.einsum("ij,ij->i", q, v[:, 6:9])) <= self.sin_r[limit]
+            hit = near | (on & across & ~self.seg_degenerate[seg])
+            ok[corridor] = np.bincount(pair[hit], minlength=len(corridor)) > 0
+        return ok
 
     def test(self, fences: np.ndarray, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
         """Exact answer per (fence number, point) pair: covered (polygons), within the radius (others)."""
@@ -283,7 +332,7 @@ class _Shapes:
                 ok[poly] = shapely.intersects_xy(self.geoms[fences[poly]], lons[poly], lats[poly])
         other = ~poly
         if other.any():
-            ok[other] = self.distance_m(fences[other], lats[other], lons[other]) <= self.radius[fences[other]]
+            ok[other] = self.within(fences[other], lats[other], lons[other])
         return ok
 
     def distance_m(self, fences: np.ndarray, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
