@@ -502,14 +502,24 @@ class GeofenceIndex:
 
     def __init__(self, fences: Sequence[Geofence], covers: dict[str, FenceCover]) -> None:
         self.fences: tuple[Geofence, ...] = tuple(sorted(fences, key=lambda f: f.id))
+        parts = [covers[f.id] for f in self.fences]
+        numbers = np.arange(len(parts), dtype=np.int32)
+        inner = [c.interior for c in parts]
+        edge = [c.boundary for c in parts]
+        cells = np.concatenate([*inner, *edge]) if parts else np.empty(0, np.uint64)
+        values = np.concatenate((np.repeat(numbers, [len(c) for c in inner]),
+                                 ~np.repeat(numbers, [len(c) for c in edge])))
+        self._setup(cells, values)
+
+    def _setup(self, cells: np.ndarray, values: np.ndarray) -> None:
+        """The lookup structures, from every cover cell with its fence number (f: interior, ~f: boundary)."""
         self._number = {fence.id: i for i, fence in enumerate(self.fences)}
-        self._covers = covers
         self.ids = np.array([f.id for f in self.fences], dtype=object)
         self._shapes = _Shapes(self.fences, exact=True)
         self._answers = AnswerSets(self.ids)
         self._cross = [(f.id, _candidate_polygon(f)) for f in self.fences if f.settings.cross]
         self.has_cross = bool(self._cross)
-        self._build_table()
+        self._build_table(cells.astype(np.uint64), values.astype(np.int32))
         self.finest_resolution = LOOKUP_RESOLUTION
 
     @classmethod
@@ -518,12 +528,11 @@ class GeofenceIndex:
         return cls(fences, dict(zip((f.id for f in fences), cover_fences(fences), strict=True)))
 
     def with_changes(self, upserts: Iterable[Geofence] = (), deletes: Iterable[str] = ()) -> GeofenceIndex:
-        """A new index with geofences added, replaced or removed; unchanged geofences keep their covers."""
+        """A new index with geofences added, replaced or removed; unchanged geofences keep their covers (read
+        back from the lookup table: the index keeps no second copy)."""
         fences = {f.id: f for f in self.fences}
-        covers = dict(self._covers)
         for fence_id in deletes:
             fences.pop(fence_id, None)
-            covers.pop(fence_id, None)
         changed = []
         for fence in upserts:
             old = fences.get(fence.id)
@@ -531,23 +540,44 @@ class GeofenceIndex:
                 changed.append(fence)
             fences[fence.id] = fence
         changed = list({f.id: f for f in changed}.values())  # the last version of a geofence upserted twice
-        covers.update(zip((f.id for f in changed), cover_fences(changed), strict=True))
-        return GeofenceIndex(list(fences.values()), covers)
+        fresh = GeofenceIndex.__new__(GeofenceIndex)
+        fresh.fences = tuple(sorted(fences.values(), key=lambda f: f.id))
+        new_number = {f.id: i for i, f in enumerate(fresh.fences)}
+        stale = {f.id for f in changed}
+        # old fence number -> new one (-1: deleted or reshaped)
+        renumber = np.array([-1 if i in stale else new_number.get(i, -1) for i in self.ids.tolist()],
+                            dtype=np.int32)
+        cells, values = self._entries()
+        number = np.where(values >= 0, values, ~values)
+        kept = renumber[number] >= 0
+        cells, values = cells[kept], np.where(values[kept] >= 0, renumber[number[kept]], ~renumber[number[kept]])
+        new_cells, new_values = [cells], [values]
+        for fence, cover in zip(changed, cover_fences(changed), strict=True):
+            f = np.int32(new_number[fence.id])
+            new_cells += [cover.interior, cover.boundary]
+            new_values += [np.full(len(cover.interior), f, np.int32), np.full(len(cover.boundary), ~f, np.int32)]
+        fresh._setup(np.concatenate(new_cells), np.concatenate(new_values))
+        return fresh
 
-    def _build_table(self) -> None:
+    def _entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (cell, fence value) entry of the table (value f: interior, ~f: boundary)."""
+        rows = np.repeat(np.arange(self._n_cells), np.diff(self._ptr))
+        return self._table.cells_by_row()[rows], self._values
+
+    def cover(self, fence_id: str) -> FenceCover:
+        """One geofence's cover, read back from the lookup table."""
+        f = self._number[fence_id]
+        cells, values = self._entries()
+        inner, edge = np.sort(cells[values == f]), np.sort(cells[values == ~f])
+        both = np.concatenate((inner, edge))
+        return FenceCover(int(cell_resolutions(both).max()) if len(both) else LOOKUP_RESOLUTION, inner, edge)
+
+    def _build_table(self, keys: np.ndarray, values: np.ndarray) -> None:
         """All cover cells of all resolutions in one hash table (cell -> row), and per row one CSR list of fence
         numbers, interior ones as f and boundary ones as ~f (one expansion per batch yields both)."""
-        covers = [self._covers[f.id] for f in self.fences]
-        counts_i = np.array([len(c.interior) for c in covers], dtype=np.int64)
-        counts_b = np.array([len(c.boundary) for c in covers], dtype=np.int64)
-        inner_keys = np.concatenate([c.interior for c in covers]) if covers else np.empty(0, np.uint64)
-        edge_keys = np.concatenate([c.boundary for c in covers]) if covers else np.empty(0, np.uint64)
-        numbers = np.arange(len(covers), dtype=np.int32)
-        keys = np.concatenate((inner_keys, edge_keys))
-        values = np.concatenate((np.repeat(numbers, counts_i), ~np.repeat(numbers, counts_b)))
         cells, rows = np.unique(keys, return_inverse=True)
-        order = np.argsort(rows, kind="stable")
-        self._values = values[order].astype(np.int32)
+        order = np.lexsort((values, rows))
+        self._values = values[order]
         self._ptr = np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=len(cells))))).astype(np.int32)
         self._table = CellHash(cells)
         self._n_cells = len(cells)
@@ -623,16 +653,16 @@ class GeofenceIndex:
         return tuple(fence_id for fence_id, area in self._cross if area.intersects(segment))
 
     def memory_bytes(self) -> int:
-        """Index memory: numpy arrays exactly (the lookup table and the per-geofence covers kept for
-        ``with_changes``), geometries estimated from their coordinates (16 B each plus ~200 B per geometry
-        object), plus ~300 B per geofence for records, the id map and the cached 1-tuples."""
+        """Index memory: numpy arrays exactly (hash table, CSR fence lists, polygon grids, corridor segments),
+        geometries estimated from their coordinates (16 B each plus ~200 B per geometry object), plus ~300 B
+        per geofence for records, the id map and the cached 1-tuples. Answer tuples learned at lookup and the
+        Geofence objects' own copies of the geometries are not counted."""
         arrays = sum(a.nbytes for a in (self._ptr, self._values, self._shapes.segs, self._shapes.seg_ptr))
         arrays += self._table.memory_bytes()
         arrays += self._shapes.grids.memory_bytes() if self._shapes.grids is not None else 0
-        covers = sum(c.interior.nbytes + c.boundary.nbytes for c in self._covers.values())
         geoms = self._shapes.geoms
         coords = int(shapely.get_num_coordinates(geoms).sum()) if len(geoms) else 0
-        return arrays + covers + coords * 16 + len(self.fences) * 500
+        return arrays + coords * 16 + len(self.fences) * 500
 
 
 class AnswerSets:

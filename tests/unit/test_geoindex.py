@@ -235,7 +235,7 @@ def test_with_changes_equals_a_fresh_build():
 def test_interior_cells_are_used_and_memory_is_reported():
     fence = parse_geofence(polygon_feature("big", [star(53.4, -2.98, 5000, [1.0] * 30)]))
     index = GeofenceIndex.build([fence])
-    cover = index._covers["big"]
+    cover = index.cover("big")
     assert len(cover.interior) > 0 and len(cover.boundary) > 0
     assert index.memory_bytes() > cover.interior.nbytes + cover.boundary.nbytes
 
@@ -428,7 +428,7 @@ def test_covers_use_several_resolutions_and_interior_cells_carry_much_of_the_are
     """A big polygon is answered for a good part by interior cells of more than one resolution (no geometry at
     lookup); interior and boundary cells together reach beyond the polygon."""
     fence = parse_geofence(polygon_feature("big", [star(53.4, -2.98, 5000, [1.0] * 30)]))
-    cover = GeofenceIndex.build([fence])._covers["big"]
+    cover = GeofenceIndex.build([fence]).cover("big")
     assert len(set(geoindex.cell_resolutions(cover.interior).tolist())) > 1
 
     def area(cells: np.ndarray) -> float:
