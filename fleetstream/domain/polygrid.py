@@ -173,7 +173,7 @@ class PolygonGrids:
             xint = x1 + (py - y1) * (x2 - x1) / (y2 - y1)
             yint = y1 + (right - x1) * (y2 - y1) / (x2 - x1)
         flip = ((y1 > py) != (y2 > py)) & (xint > px) & (xint <= right)
-        flip ^= ((x1 > right) != (x2 > right)) & (yint >= (y0 + j * dy)[pair]) & (yint < py)
+        flip ^= ((x1 > right) != (x2 > right)) & (yint > (y0 + j * dy)[pair]) & (yint <= py)
         odd = (np.bincount(pair[flip], minlength=len(fences)) & 1).astype(bool)
         return inside ^ odd
 
