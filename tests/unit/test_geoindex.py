@@ -437,3 +437,29 @@ def test_covers_use_several_resolutions_and_interior_cells_carry_much_of_the_are
     polygon_m2 = shapely.area(fence.geometry) * 111_320**2 * math.cos(math.radians(53.4))
     assert area(cover.interior) > 0.4 * polygon_m2
     assert area(cover.interior) + area(cover.boundary) > polygon_m2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(-80, 80), st.floats(-179, 179), st.floats(5, 50_000), st.integers(1, 5), st.integers(0, 2**32 - 1))
+def test_lookup_circle_and_corridor_tests_equal_geodesic_distances(lat, lon, radius, legs, seed):
+    """The lookup's trigonometry-free tests (chords, cross-track sines) against the great-circle distances the
+    covers are built with, for points within 1 cm of the limit left out."""
+    rng = np.random.default_rng(seed)
+    points = [(lat, lon)]
+    for _ in range(legs):
+        points.append(destination(*points[-1], float(rng.uniform(0, 360)), float(rng.uniform(0, 4 * radius))))
+    circle = parse_geofence({"type": "Feature", "id": "c", "geometry": {"type": "Point", "coordinates": [lon, lat]},
+                             "properties": {"radius_m": radius}})
+    corridor = parse_geofence({"type": "Feature", "id": "r", "properties": {"buffer_m": radius},
+                               "geometry": {"type": "LineString", "coordinates": [[p[1], p[0]] for p in points]}})
+    shapes = geoindex._Shapes([circle, corridor], exact=True)
+    m = 4000
+    fences = rng.integers(0, 2, m)
+    bearing, distance = rng.uniform(0, 360, m), rng.uniform(0, 2.5, m) * radius
+    anchor = [points[int(k)] for k in rng.integers(0, len(points), m)]
+    lats, lons = np.array([destination(*a, b, d) for a, b, d in zip(anchor, bearing, distance, strict=True)]).T
+    expected = shapes.distance_m(fences, lats, lons)
+    judged = np.abs(expected - radius) > TOLERANCE_M
+    got = shapes.within(fences, lats, lons)
+    assert (got == (expected <= radius))[judged].all()
+    assert 0.1 < got.mean() < 0.9
