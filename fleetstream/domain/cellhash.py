@@ -17,34 +17,46 @@ _FEW = 64  # unresolved keys below which one wide round finishes the probing
 
 
 class CellHash:
-    """Maps each of ``cells`` (distinct, non-zero) to its position in that array; -1 for any other cell."""
+    """The slot of each of ``cells`` (distinct, non-zero) in an open-addressing table, -1 for any other cell.
+    Callers index their own per-slot arrays by it (the index: a CSR pointer per slot), so a found key costs
+    one read of the table and one of that array, with no row number in between."""
 
-    def __init__(self, cells: np.ndarray) -> None:
+    def __init__(self, keys: np.ndarray, capacity: int, max_probe: int) -> None:
+        self.keys = keys
+        self._capacity = np.uint64(capacity)
+        self.max_probe = max_probe
+
+    @classmethod
+    def build(cls, cells: np.ndarray) -> tuple[CellHash, np.ndarray]:
+        """The table of ``cells``, and the slot each of them went to."""
         cells = np.asarray(cells, dtype=np.uint64)
-        self._capacity = np.uint64(max(16, int(len(cells) / LOAD)))
-        self.keys = np.zeros(int(self._capacity) + 64, dtype=np.uint64)  # probes run on past the end
-        self.rows = np.full(len(self.keys), -1, dtype=np.int32)
+        table = cls(np.zeros(0, dtype=np.uint64), max(16, int(len(cells) / LOAD)), 0)
+        keys = np.zeros(int(table._capacity) + 64, dtype=np.uint64)  # probes run on past the end
+        slot_of = np.empty(len(cells), dtype=np.int64)
         pending = np.arange(len(cells))
-        slot = self._slot(cells)
-        self.max_probe = 0
+        slot = table._slot(cells)
         probe = 0
         while len(pending):
-            if slot.max(initial=0) >= len(self.keys):
-                self.keys = np.concatenate((self.keys, np.zeros(len(self.keys) // 4, dtype=np.uint64)))
-                self.rows = np.concatenate((self.rows, np.full(len(self.keys) - len(self.rows), -1, np.int32)))
-            free = self.keys[slot] == 0
+            if slot.max(initial=0) >= len(keys):
+                keys = np.concatenate((keys, np.zeros(len(keys) // 4, dtype=np.uint64)))
             # of the keys aiming at one free slot, the first takes it
-            cand = np.flatnonzero(free)
+            cand = np.flatnonzero(keys[slot] == 0)
             _, first = np.unique(slot[cand], return_index=True)
             won = cand[first]
-            self.keys[slot[won]] = cells[pending[won]]
-            self.rows[slot[won]] = pending[won]
+            keys[slot[won]] = cells[pending[won]]
+            slot_of[pending[won]] = slot[won]
             if len(won):
-                self.max_probe = max(self.max_probe, probe)
+                table.max_probe = probe
             left = np.ones(len(pending), dtype=bool)
             left[won] = False
             pending, slot = pending[left], slot[left] + 1
             probe += 1
+        table.keys = keys
+        return table, slot_of
+
+    def __len__(self) -> int:
+        """Number of slots (the length of per-slot arrays)."""
+        return len(self.keys)
 
     def _slot(self, cells: np.ndarray) -> np.ndarray:
         """splitmix64's finaliser, then modulo the capacity: H3 cells differ in few, structured bits, which a
@@ -57,19 +69,19 @@ class CellHash:
         return (x % self._capacity).astype(np.int64)
 
     def find(self, cells: np.ndarray) -> np.ndarray:
-        """Row of every cell (-1: absent). Rounds read one slot per unresolved key (found, or an empty slot:
+        """Slot of every cell (-1: absent). Rounds read one slot per unresolved key (found, or an empty slot:
         absent); once few keys are left, one last round reads all the slots up to the longest probe."""
         cells = np.asarray(cells, dtype=np.uint64)
         slot = self._slot(cells)
         found = self.keys[slot]
-        out = np.where(found == cells, self.rows[slot], -1)
+        out = np.where(found == cells, slot, -1)
         pending = np.flatnonzero((found != cells) & (found != 0))
         probe = 1
         while len(pending) > _FEW and probe <= self.max_probe:
             slot_p = slot[pending] + probe
             found = self.keys[slot_p]
             hit = found == cells[pending]
-            out[pending[hit]] = self.rows[slot_p[hit]]
+            out[pending[hit]] = slot_p[hit]
             pending = pending[~hit & (found != 0)]
             probe += 1
         if len(pending) and probe <= self.max_probe:
@@ -79,15 +91,8 @@ class CellHash:
             # a hit counts only before the first empty slot (linear probing never skips one)
             empty = np.cumsum(found == 0, axis=1) > 0
             row, col = np.nonzero(hit & ~empty)
-            out[pending[row]] = self.rows[window[row, col]]
-        return out
-
-    def cells_by_row(self) -> np.ndarray:
-        """The cells in row order (the array the table was built from)."""
-        used = self.rows >= 0
-        out = np.empty(int(used.sum()), dtype=np.uint64)
-        out[self.rows[used]] = self.keys[used]
+            out[pending[row]] = window[row, col]
         return out
 
     def memory_bytes(self) -> int:
-        return self.keys.nbytes + self.rows.nbytes
+        return self.keys.nbytes

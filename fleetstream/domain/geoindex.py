@@ -561,8 +561,8 @@ class GeofenceIndex:
 
     def _entries(self) -> tuple[np.ndarray, np.ndarray]:
         """Every (cell, fence value) entry of the table (value f: interior, ~f: boundary)."""
-        rows = np.repeat(np.arange(self._n_cells), np.diff(self._ptr))
-        return self._table.cells_by_row()[rows], self._values
+        slots = np.repeat(np.arange(len(self._table)), np.diff(self._ptr))
+        return self._table.keys[slots], self._values
 
     def cover(self, fence_id: str) -> FenceCover:
         """One geofence's cover, read back from the lookup table."""
@@ -573,13 +573,14 @@ class GeofenceIndex:
         return FenceCover(int(cell_resolutions(both).max()) if len(both) else LOOKUP_RESOLUTION, inner, edge)
 
     def _build_table(self, keys: np.ndarray, values: np.ndarray) -> None:
-        """All cover cells of all resolutions in one hash table (cell -> row), and per row one CSR list of fence
+        """All cover cells of all resolutions in one hash table, and per slot of it one CSR list of fence
         numbers, interior ones as f and boundary ones as ~f (one expansion per batch yields both)."""
         cells, rows = np.unique(keys, return_inverse=True)
-        order = np.lexsort((values, rows))
+        self._table, slot_of = CellHash.build(cells)
+        slots = slot_of[rows]
+        order = np.lexsort((values, slots))
         self._values = values[order]
-        self._ptr = np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=len(cells))))).astype(np.int32)
-        self._table = CellHash(cells)
+        self._ptr = np.concatenate(([0], np.cumsum(np.bincount(slots, minlength=len(self._table))))).astype(np.int32)
         self._n_cells = len(cells)
         res = np.unique(cell_resolutions(cells))
         self._resolutions = tuple(int(r) for r in res)

@@ -96,8 +96,7 @@ class PolygonGrids:
         # one int32 per bucket: its first edge << 1 | the corner's status (one gather reads both)
         self.ptr = (ptr << 1).astype(np.int32)
         self.ptr[:-1] |= corner
-        self._params: np.ndarray | None = None
-        self._sizes: np.ndarray | None = None
+        self._params = np.column_stack((self.x0, self.y0, self.dx, self.dy, self.nx, self.ny, self.base, self.nx))
 
     def _col(self, f: np.ndarray, x: np.ndarray, slack: float) -> np.ndarray:
         return np.clip(np.floor((x - self.x0[f]) / self.dx[f] + slack), 0, self.nx[f] - 1).astype(np.int64)
@@ -146,11 +145,9 @@ class PolygonGrids:
 
     def covers(self, fences: np.ndarray, lons: np.ndarray, lats: np.ndarray) -> np.ndarray:
         """Whether polygon ``fences[k]`` contains point k (lon/lat planar; boundary within rounding)."""
-        if self._params is None:  # per grid: x0, y0, dx, dy and nx, ny, base, gathered once per pair
-            self._params = np.column_stack((self.x0, self.y0, self.dx, self.dy))
-            self._sizes = np.column_stack((self.nx, self.ny, self.base))
-        x0, y0, dx, dy = self._params[fences].T
-        nx, ny, base = self._sizes[fences].T
+        # one row per grid: x0, y0, dx, dy, nx, ny, base (exact in float64), padded to a cache line of 64 B
+        x0, y0, dx, dy, fnx, fny, fbase, _ = np.take(self._params, fences, axis=0).T
+        nx, ny, base = fnx.astype(np.int64), fny.astype(np.int64), fbase.astype(np.int64)
         i = np.floor((lons - x0) / dx).astype(np.int64)
         j = np.floor((lats - y0) / dy).astype(np.int64)
         valid = (i.view(np.uint64) < nx.view(np.uint64)) & (j.view(np.uint64) < ny.view(np.uint64))
@@ -178,8 +175,8 @@ class PolygonGrids:
         return inside ^ odd
 
     def memory_bytes(self) -> int:
-        return sum(a.nbytes for a in (self.vertices, self.edges, self.ptr, self.x0, self.y0,
-                                      self.dx, self.dy, self.nx, self.ny, self.base))
+        return sum(a.nbytes for a in (self.vertices, self.edges, self.ptr, self._params, self.x0, self.y0, self.dx,
+                                      self.dy, self.nx, self.ny, self.base))
 
 
 def _row_offsets(ny: np.ndarray) -> np.ndarray:

@@ -103,9 +103,10 @@ def test_cell_hash_finds_rows_and_misses(n, seed):
     rng = np.random.default_rng(seed)
     base = np.uint64(0x08B1_F000_0000_0000)
     cells = np.unique(base | rng.integers(1, 2**30, n, dtype=np.uint64))
-    table = CellHash(cells)
-    where = {int(c): i for i, c in enumerate(cells.tolist())}
+    table, slot_of = CellHash.build(cells)
+    where = {int(c): int(s) for c, s in zip(cells.tolist(), slot_of.tolist(), strict=True)}
+    assert len(set(where.values())) == len(cells)
+    assert all(int(table.keys[s]) == c for c, s in where.items())
     queries = np.concatenate((cells, base | rng.integers(1, 2**30, 2 * n + 5, dtype=np.uint64)))
     rng.shuffle(queries)
     assert table.find(queries).tolist() == [where.get(int(q), -1) for q in queries.tolist()]
-    assert table.cells_by_row().tolist() == cells.tolist()
