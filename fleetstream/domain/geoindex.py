@@ -33,12 +33,23 @@ and is refined DEPTH levels: a cell is *interior* (kept, no geometry at lookup),
 The band is a few finest cells wide, so at DEPTH 3 an average geofence keeps a few dozen to a hundred cells;
 jagged polygons (many short spikes) still leave a good share of their points to the exact test.
 
-Lookup: the batch's cells at every resolution present are searched at once in one sorted array of all cover
-cells (CSR lists of interior and boundary fence numbers per cell); boundary pairs get one vectorized exact test
-per kind (``shapely.intersects_xy`` over prepared polygons, i.e. covers semantics; haversine for circles; great-
-circle cross-track distance for corridors). Results travel as (point, fence number) pairs and become tuples of
-ids only at the end: a point in exactly one geofence gets that fence's cached 1-tuple, a point in several a tuple
-cached by its set of fence numbers.
+Lookup, per batch of points (cells at LOOKUP_RESOLUTION given or computed):
+
+- Table: the batch's cells derived at every resolution present are looked up at once in an open-addressing
+  hash table of all cover cells (``cellhash.CellHash``: splitmix64, linear probing, half full; one or two
+  probes per key whatever the number of geofences, where a sorted array took ~20 cache-missing steps). Each
+  slot owns a CSR list of fence numbers, f for interior and ~f for boundary (one expansion yields both).
+- Exact test of boundary pairs, vectorized per kind and without GEOS:
+  polygons by crossing numbers over per-polygon bucket grids (``polygrid.PolygonGrids``: each pair reads the
+  few edges of its bucket and the bucket corner's precomputed status); circles by chord length between unit
+  vectors, corridors by cross-track sines and end-point chords (monotonic in the great-circle distance, so the
+  same answer as the geodesic distance the covers are built with, without trigonometry per pair).
+  Covers semantics hold for every point farther than rounding (~1e-15 degrees) from a polygon's boundary.
+- Answers: (point, fence number) pairs become tuples of ids only at the end: a point in exactly one geofence
+  gets that fence's cached 1-tuple, a point in several the tuple cached for its set (``AnswerSets``).
+
+Memory: each cover cell is stored once (hash slot key + CSR entry; ``with_changes`` and ``cover`` read covers
+back from the table); polygons add their vertices (16 B each) and about two grid buckets per edge.
 
 The index is immutable: ``with_changes`` builds a new one (covering only new or reshaped geofences) for the
 worker to swap in whole. Only the memory of answer tuples grows as lookups meet new sets of geofences (it is
@@ -245,8 +256,10 @@ def _corridor_degrees(line: shapely.LineString, radius_m: float) -> float:
 
 
 class _Shapes:
-    """The geofences as arrays for vectorized tests: kind numbers, prepared geometries, circle centres, radii
-    and every corridor segment (radians: lat1, lon1, lat2, lon2) in one table, CSR by fence number."""
+    """The geofences as arrays for vectorized tests: kind numbers, geometries, circle centres, radii and every
+    corridor segment (radians: lat1, lon1, lat2, lon2) in one table, CSR by fence number. ``exact``: also the
+    lookup's structures (polygon grids, unit vectors); without it (building covers) polygons are prepared for
+    shapely's vectorized predicates instead."""
 
     def __init__(self, fences: Sequence[Geofence], exact: bool = False) -> None:
         self.kinds = np.array([_KINDS.index(f.kind) for f in fences], dtype=np.int8)
@@ -326,10 +339,8 @@ class _Shapes:
         kinds = self.kinds[fences]
         poly = kinds == 0
         if poly.any():
-            if self.grids is not None:
-                ok[poly] = self.grids.covers(self.grid_of[fences[poly]], lons[poly], lats[poly])
-            else:
-                ok[poly] = shapely.intersects_xy(self.geoms[fences[poly]], lons[poly], lats[poly])
+            assert self.grids is not None, "built with exact=True"
+            ok[poly] = self.grids.covers(self.grid_of[fences[poly]], lons[poly], lats[poly])
         other = ~poly
         if other.any():
             ok[other] = self.within(fences[other], lats[other], lons[other])
