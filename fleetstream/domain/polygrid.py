@@ -56,7 +56,7 @@ class PolygonGrids:
         self.x0, self.y0 = bounds[:, 0] - margin, bounds[:, 1] - margin
         self.dx, self.dy = width / self.nx, height / self.ny
         sizes = self.nx * self.ny
-        self.base = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+        self.base = (np.cumsum(sizes) - sizes).astype(np.int64)
         total = int(sizes.sum())
 
         # edges of each bucket (CSR): candidates from each edge's bounding box, kept when the edge meets the box
@@ -130,7 +130,8 @@ class PolygonGrids:
             k = k + up
             down = (k > 0) & ~(self.x0[g] + k * self.dx[g] < xint)
             k = k - down
-        wide_base = np.concatenate(([0], np.cumsum(self.ny * (self.nx + 1))[:-1])).astype(np.int64)
+        wide = self.ny * (self.nx + 1)
+        wide_base = (np.cumsum(wide) - wide).astype(np.int64)
         row = wide_base[g] + j * (nx + 1)
         wide_total = int((self.ny * (self.nx + 1)).sum())
         diff = np.bincount(row, minlength=wide_total + 1) - np.bincount(row + k, minlength=wide_total + 1)

@@ -110,3 +110,8 @@ def test_cell_hash_finds_rows_and_misses(n, seed):
     queries = np.concatenate((cells, base | rng.integers(1, 2**30, 2 * n + 5, dtype=np.uint64)))
     rng.shuffle(queries)
     assert table.find(queries).tolist() == [where.get(int(q), -1) for q in queries.tolist()]
+
+
+def test_polygon_grids_of_no_polygons():
+    grids = PolygonGrids(np.empty(0, dtype=object))
+    assert grids.covers(np.empty(0, np.int64), np.empty(0), np.empty(0)).tolist() == []
