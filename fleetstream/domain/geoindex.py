@@ -186,8 +186,12 @@ def _haversine_np(lat1: float | np.ndarray, lon1: float | np.ndarray, lat2: np.n
 
 def _unit(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     """Unit vectors (n, 3) of points given in radians."""
+    out = np.empty((len(lat), 3))
     c = np.cos(lat)
-    return np.column_stack((c * np.cos(lon), c * np.sin(lon), np.sin(lat)))
+    out[:, 0] = c * np.cos(lon)
+    out[:, 1] = c * np.sin(lon)
+    out[:, 2] = np.sin(lat)
+    return out
 
 
 def segment_distance_rad(p1: np.ndarray, l1: np.ndarray, p2: np.ndarray, l2: np.ndarray,
@@ -315,21 +319,20 @@ class _Shapes:
         p = _unit(np.radians(lats), np.radians(lons))
         ok = np.zeros(len(fences), dtype=bool)
         kinds = self.kinds[fences]
-        circle = np.flatnonzero(kinds == 1)
-        if len(circle):
+        circle = kinds == 1
+        if circle.any():
             d = p[circle] - self.centre_unit[fences[circle]]
-            ok[circle] = np.einsum("ij,ij->i", d, d) <= self.chord2[fences[circle]]
+            ok[circle] = (d * d).sum(axis=1) <= self.chord2[fences[circle]]
         corridor = np.flatnonzero(kinds == 2)
         if len(corridor):
             pair, seg = _expand(self.seg_ptr, np.arange(len(self.segs)), fences[corridor], np.arange(len(corridor)))
-            q, v = p[corridor][pair], self.seg_vectors[seg]
+            q, v = p[corridor][pair], self.seg_vectors[seg]  # v: a, b, n, n x a, b x n
             limit = fences[corridor][pair]
-            chord2 = self.chord2[limit]
-            da, db = q - v[:, 0:3], q - v[:, 3:6]
-            near = (np.einsum("ij,ij->i", da, da) <= chord2) | (np.einsum("ij,ij->i", db, db) <= chord2)
-            on = (np.einsum("ij,ij->i", q, v[:, 9:12]) >= 0) & (np.einsum("ij,ij->i", q, v[:, 12:15]) >= 0)
-            across = np.abs(np.einsum("ij,ij->i", q, v[:, 6:9])) <= self.sin_r[limit]
-            hit = near | (on & across & ~self.seg_degenerate[seg])
+            ends = q[:, None, :] - v[:, 0:6].reshape(-1, 2, 3)
+            near = ((ends * ends).sum(axis=2) <= self.chord2[limit][:, None]).any(axis=1)
+            dots = (q[:, None, :] * v[:, 6:15].reshape(-1, 3, 3)).sum(axis=2)  # q.n, q.(n x a), q.(b x n)
+            on = (dots[:, 1] >= 0) & (dots[:, 2] >= 0) & ~self.seg_degenerate[seg]
+            hit = near | (on & (np.abs(dots[:, 0]) <= self.sin_r[limit]))
             ok[corridor] = np.bincount(pair[hit], minlength=len(corridor)) > 0
         return ok
 
