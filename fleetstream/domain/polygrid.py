@@ -15,9 +15,11 @@ cross the legs, so each pair costs its bucket's few edges. The corner statuses c
 row at build time (the same rule: edges crossing the row's bottom line, to the right of each corner).
 
 Exact for points off the boundary: the rule is the standard even-odd rule (holes and multipolygon parts need
-nothing special); the answer can differ from GEOS's ``covers`` only for points within rounding distance (about
-1e-15 degrees) of an edge, or when an edge passes exactly through a bucket corner, far below the centimetre the
-index promises.
+nothing special). Points on the boundary count as inside (covers) when their cross product with an edge of
+their bucket is exactly 0, which holds for vertices and for points on axis-parallel edges (boxes drawn with
+rounded coordinates meet fixes with rounded coordinates). Otherwise the answer can differ from GEOS's
+``covers`` only for points within rounding distance (about 1e-15 degrees) of an edge, or when an edge passes
+exactly through a bucket corner, far below the centimetre the index promises.
 """
 
 from __future__ import annotations
@@ -167,13 +169,20 @@ class PolygonGrids:
         x1, y1, x2, y2 = u.real, u.imag, v.real, v.imag
         px, py = lons[pair], lats[pair]
         right = (x0 + (i + 1) * dx)[pair]
+        ex, ey, rx, ry = x2 - x1, y2 - y1, px - x1, py - y1
         with np.errstate(divide="ignore", invalid="ignore"):
-            xint = x1 + (py - y1) * (x2 - x1) / (y2 - y1)
-            yint = y1 + (right - x1) * (y2 - y1) / (x2 - x1)
+            xint = x1 + ry * ex / ey
+            yint = y1 + (right - x1) * ey / ex
         flip = ((y1 > py) != (y2 > py)) & (xint > px) & (xint <= right)
         flip ^= ((x1 > right) != (x2 > right)) & (yint > (y0 + j * dy)[pair]) & (yint <= py)
         odd = (np.bincount(pair[flip], minlength=len(fences)) & 1).astype(bool)
-        return inside ^ odd
+        covered = inside ^ odd
+        # covers: a point exactly on an edge is inside (vertices, points on axis-parallel edges: real data
+        # with rounded coordinates meets these; the cross product is then exactly 0)
+        on = (ex * ry == ey * rx) & (rx * (px - x2) <= 0) & (ry * (py - y2) <= 0)
+        if on.any():
+            covered[pair[on]] = True
+        return covered
 
     def memory_bytes(self) -> int:
         return sum(a.nbytes for a in (self.vertices, self.edges, self.ptr, self._params, self.x0, self.y0, self.dx,

@@ -54,7 +54,8 @@ def polygons(draw: st.DrawFn) -> shapely.Geometry:
 @given(st.lists(polygons(), min_size=1, max_size=5), st.integers(0, 2**32 - 1))
 def test_polygon_grids_equal_shapely_covers(geoms, seed):
     """Random points over each polygon's box, points on the horizontal and vertical lines through its vertices
-    (the crossing rule's degenerate cases) and points just off its vertices."""
+    (the crossing rule's degenerate cases), points just off its vertices, and points exactly on its boundary
+    (vertices, axis-parallel edges: inside)."""
     geoms = [g for g in geoms if g.is_valid]
     if not geoms:
         return
@@ -78,12 +79,24 @@ def test_polygon_grids_equal_shapely_covers(geoms, seed):
         fences.append(np.full(m, number))
         xs.append(px)
         ys.append(py)
+        # exactly on the boundary: vertices, and points of axis-parallel edges (covers: inside)
+        a, b = vertices[:-1], vertices[1:]
+        flat = np.flatnonzero((a[:, 0] == b[:, 0]) | (a[:, 1] == b[:, 1]))
+        t = rng.uniform(0, 1, len(flat))
+        on = np.where((a[flat, 0] == b[flat, 0])[:, None],
+                      np.column_stack((a[flat, 0], a[flat, 1] + t * (b[flat, 1] - a[flat, 1]))),
+                      np.column_stack((a[flat, 0] + t * (b[flat, 0] - a[flat, 0]), a[flat, 1])))
+        on = np.concatenate((on, vertices[rng.integers(0, len(vertices), 20)]))
+        fences.append(np.full(len(on), number))
+        xs.append(on[:, 0])
+        ys.append(on[:, 1])
     fences, xs, ys = np.concatenate(fences), np.concatenate(xs), np.concatenate(ys)
     order = rng.permutation(len(fences))  # pairs of several polygons, mixed
     fences, xs, ys = fences[order], xs[order], ys[order]
     got = grids.covers(fences, xs, ys)
     expected = shapely.intersects_xy(array[fences], xs, ys)
-    judged = shapely.distance(shapely.boundary(array[fences]), shapely.points(xs, ys)) > NEAR_DEG
+    distance = shapely.distance(shapely.boundary(array[fences]), shapely.points(xs, ys))
+    judged = (distance > NEAR_DEG) | (distance == 0)
     assert judged.sum() > len(fences) // 3
     wrong = np.flatnonzero((got != expected) & judged)
     assert not len(wrong), [(int(fences[i]), xs[i], ys[i], bool(expected[i])) for i in wrong[:5]]
