@@ -44,7 +44,8 @@ Lookup, per batch of points (cells at LOOKUP_RESOLUTION given or computed):
   few edges of its bucket and the bucket corner's precomputed status); circles by chord length between unit
   vectors, corridors by cross-track sines and end-point chords (monotonic in the great-circle distance, so the
   same answer as the geodesic distance the covers are built with, without trigonometry per pair).
-  Covers semantics hold for every point farther than rounding (~1e-15 degrees) from a polygon's boundary.
+  Covers semantics hold for every point farther than rounding (~1e-15 degrees) from a polygon's boundary,
+  and for points exactly on a vertex or an axis-parallel edge (inside).
 - Answers: (point, fence number) pairs become tuples of ids only at the end: a point in exactly one geofence
   gets that fence's cached 1-tuple, a point in several the tuple cached for its set (``AnswerSets``).
 
@@ -71,9 +72,9 @@ import shapely.ops
 from h3ronpy import vector as h3v
 from shapely.geometry import Polygon
 
+from fleetstream.domain.cellhash import CellHash
 from fleetstream.domain.geo import EARTH_RADIUS_M, destination
 from fleetstream.domain.geofences import Geofence, GeofenceKind
-from fleetstream.domain.cellhash import CellHash
 from fleetstream.domain.polygrid import PolygonGrids
 
 LOOKUP_RESOLUTION = 11  # points are looked up by their cell at this resolution, and its parents
@@ -760,12 +761,3 @@ class AnswerSets:
         self._check = np.insert(self._check, at, check[order])
         self._sets = np.insert(self._sets, at, numbers[order])
         return result
-
-
-def _csr(cells: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((values, keys))
-    keys, values = keys[order], values[order]
-    counts = np.bincount(np.searchsorted(cells, keys), minlength=len(cells)) if len(keys) else \
-        np.zeros(len(cells), dtype=np.int64)
-    ptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-    return ptr, values.astype(np.int32)
