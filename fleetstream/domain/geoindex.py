@@ -84,6 +84,7 @@ REACH = 1.25  # every point of a res-r cell's region is within REACH * edge(r) o
 SAMPLE_STEP = 0.5  # polygon boundary samples every SAMPLE_STEP * edge(finest res) (a quarter edge to the nearest)
 BAND_FINER = 0  # the band is found at this many resolutions below the finest level (tighter band)
 SEED_RING = 2  # the start disk's radius (covers every region within one edge of the start point)
+PUSH_DOWN = 0.05  # a sparse coarsest resolution is stored as its descendants if that grows the table <= 5%
 BUILD_CHUNK = 5_000  # geofences covered together (vectorized; bounds the build's temporary memory)
 M_PER_DEG = 111_320.0  # metres per degree, at least as long as any degree of latitude or longitude
 _EDGE_M = np.array([h3.average_hexagon_edge_length(r, "m") for r in range(16)])
@@ -508,6 +509,28 @@ def cover_fence(fence: Geofence) -> FenceCover:
     return cover_fences([fence])[0]
 
 
+def _push_down(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Store the coarsest resolution's cells as their descendants at the next resolution present while that
+    adds at most PUSH_DOWN x the table's size: a resolution fewer to probe for every point of every batch (a
+    cell's region is exactly the union of its children's, so answers do not change)."""
+    while len(keys):
+        res = cell_resolutions(keys)
+        present = np.unique(res)
+        if len(present) < 2:
+            break
+        at = res == present[0]
+        steps = int(present[1] - present[0])
+        if int(at.sum()) * (7**steps - 1) > PUSH_DOWN * len(keys):
+            break
+        cells, owner = keys[at], np.flatnonzero(at)
+        for _ in range(steps):
+            cells, up = _children(cells, cell_resolutions(cells))
+            owner = owner[up]
+        keys = np.concatenate((keys[~at], cells))
+        values = np.concatenate((values[~at], values[owner]))
+    return keys, values
+
+
 class GeofenceIndex:
     """Immutable index of geofences; ``lookup`` answers many points at once."""
 
@@ -590,6 +613,7 @@ class GeofenceIndex:
     def _build_table(self, keys: np.ndarray, values: np.ndarray) -> None:
         """All cover cells of all resolutions in one hash table, and per slot of it one CSR list of fence
         numbers, interior ones as f and boundary ones as ~f (one expansion per batch yields both)."""
+        keys, values = _push_down(keys, values)
         cells, rows = np.unique(keys, return_inverse=True)
         self._table, slot_of = CellHash.build(cells)
         slots = slot_of[rows]

@@ -463,3 +463,24 @@ def test_lookup_circle_and_corridor_tests_equal_geodesic_distances(lat, lon, rad
     got = shapes.within(fences, lats, lons)
     assert (got == (expected <= radius))[judged].all()
     assert 0.1 < got.mean() < 0.9
+
+
+def test_sparse_coarse_resolution_pushed_down_keeps_every_answer(monkeypatch):
+    """Coarse cells stored as their descendants at the next resolution present (forced here with a generous
+    PUSH_DOWN) leave one resolution fewer to probe and every answer the same."""
+    features = [polygon_feature("big", [star(52.0, 5.0, 20_000, [1.0, 0.7] * 15)])]
+    for i in range(300):
+        lat, lon = destination(52.0, 5.0, i * 37.0 % 360, 200.0 * i)
+        features.append(polygon_feature(f"s{i}", [star(lat, lon, 300, [1.0, 0.6] * 8)]))
+    fences = [parse_geofence(f) for f in features]
+    monkeypatch.setattr(geoindex, "PUSH_DOWN", 0.0)
+    plain = GeofenceIndex.build(fences)
+    monkeypatch.setattr(geoindex, "PUSH_DOWN", 1000.0)
+    pushed = GeofenceIndex.build(fences)
+    assert len(pushed.resolutions) < len(plain.resolutions)
+    assert pushed.resolutions[0] > plain.resolutions[0]
+    rng = np.random.default_rng(7)
+    lats, lons = 52.0 + rng.uniform(-0.2, 0.2, 20_000), 5.0 + rng.uniform(-0.3, 0.3, 20_000)
+    got, expected = pushed.lookup(lats, lons), plain.lookup(lats, lons)
+    assert got == expected
+    assert sum(1 for a in got if "big" in a) > 1000
