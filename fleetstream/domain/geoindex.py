@@ -38,7 +38,8 @@ Lookup, per batch of points (cells at LOOKUP_RESOLUTION given or computed):
 - Table: the batch's cells derived at every resolution present are looked up at once in an open-addressing
   hash table of all cover cells (``cellhash.CellHash``: splitmix64, linear probing, half full; one or two
   probes per key whatever the number of geofences, where a sorted array took ~20 cache-missing steps). Each
-  slot owns a CSR list of fence numbers, f for interior and ~f for boundary (one expansion yields both).
+  slot owns a CSR list of fence numbers, f for interior and ~f for boundary (one expansion yields both). A
+  sparse coarsest resolution is stored as its descendants (``_push_down``): one resolution fewer to probe.
 - Exact test of boundary pairs, vectorized per kind and without GEOS:
   polygons by crossing numbers over per-polygon bucket grids (``polygrid.PolygonGrids``: each pair reads the
   few edges of its bucket and the bucket corner's precomputed status); circles by chord length between unit
