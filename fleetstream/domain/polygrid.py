@@ -76,7 +76,8 @@ class PolygonGrids:
         ci = i_lo[which] + local % span_i[which]
         cj = j_lo[which] + local // span_i[which]
         cf = f[which]
-        keep = counts[which] == 1
+        # an edge spanning one row (or one column) of buckets meets every bucket of its span: no test needed
+        keep = (span_i[which] == 1) | (j_lo[which] == j_hi[which])
         test = ~keep
         if test.any():  # the box's corners not all strictly on one side of the edge's line
             w = which[test]
@@ -90,7 +91,7 @@ class PolygonGrids:
             hi = np.maximum(np.maximum(sides[0], sides[1]), np.maximum(sides[2], sides[3]))
             keep[test] = (lo <= 0) & (hi >= 0)
         bucket = self.base[cf[keep]] + cj[keep] * self.nx[cf[keep]] + ci[keep]
-        order = np.argsort(bucket, kind="stable")
+        order = np.argsort(bucket)
         self.edges = edges[which[keep][order]].astype(np.int32)
         ptr = np.concatenate(([0], np.cumsum(np.bincount(bucket, minlength=total))))
         # inside status of each bucket's lower-right corner: per row, the edges crossing its bottom line
