@@ -33,12 +33,25 @@ and is refined DEPTH levels: a cell is *interior* (kept, no geometry at lookup),
 The band is a few finest cells wide, so at DEPTH 3 an average geofence keeps a few dozen to a hundred cells;
 jagged polygons (many short spikes) still leave a good share of their points to the exact test.
 
-Lookup: the batch's cells at every resolution present are searched at once in one sorted array of all cover
-cells (CSR lists of interior and boundary fence numbers per cell); boundary pairs get one vectorized exact test
-per kind (``shapely.intersects_xy`` over prepared polygons, i.e. covers semantics; haversine for circles; great-
-circle cross-track distance for corridors). Results travel as (point, fence number) pairs and become tuples of
-ids only at the end: a point in exactly one geofence gets that fence's cached 1-tuple, a point in several a tuple
-cached by its set of fence numbers.
+Lookup, per batch of points (cells at LOOKUP_RESOLUTION given or computed):
+
+- Table: the batch's cells derived at every resolution present are looked up at once in an open-addressing
+  hash table of all cover cells (``cellhash.CellHash``: splitmix64, linear probing, half full; one or two
+  probes per key whatever the number of geofences, where a sorted array took ~20 cache-missing steps). Each
+  slot owns a CSR list of fence numbers, f for interior and ~f for boundary (one expansion yields both). A
+  sparse coarsest resolution is stored as its descendants (``_push_down``): one resolution fewer to probe.
+- Exact test of boundary pairs, vectorized per kind and without GEOS:
+  polygons by crossing numbers over per-polygon bucket grids (``polygrid.PolygonGrids``: each pair reads the
+  few edges of its bucket and the bucket corner's precomputed status); circles by chord length between unit
+  vectors, corridors by cross-track sines and end-point chords (monotonic in the great-circle distance, so the
+  same answer as the geodesic distance the covers are built with, without trigonometry per pair).
+  Covers semantics hold for every point farther than rounding (~1e-15 degrees) from a polygon's boundary,
+  and for points exactly on a vertex or an axis-parallel edge (inside).
+- Answers: (point, fence number) pairs become tuples of ids only at the end: a point in exactly one geofence
+  gets that fence's cached 1-tuple, a point in several the tuple cached for its set (``AnswerSets``).
+
+Memory: each cover cell is stored once (hash slot key + CSR entry; ``with_changes`` and ``cover`` read covers
+back from the table); polygons add their vertices (16 B each) and about two grid buckets per edge.
 
 The index is immutable: ``with_changes`` builds a new one (covering only new or reshaped geofences) for the
 worker to swap in whole. Only the memory of answer tuples grows as lookups meet new sets of geofences (it is
@@ -60,8 +73,10 @@ import shapely.ops
 from h3ronpy import vector as h3v
 from shapely.geometry import Polygon
 
+from fleetstream.domain.cellhash import CellHash
 from fleetstream.domain.geo import EARTH_RADIUS_M, destination
 from fleetstream.domain.geofences import Geofence, GeofenceKind
+from fleetstream.domain.polygrid import PolygonGrids
 
 LOOKUP_RESOLUTION = 11  # points are looked up by their cell at this resolution, and its parents
 MAX_RESOLUTION = LOOKUP_RESOLUTION
@@ -70,6 +85,7 @@ REACH = 1.25  # every point of a res-r cell's region is within REACH * edge(r) o
 SAMPLE_STEP = 0.5  # polygon boundary samples every SAMPLE_STEP * edge(finest res) (a quarter edge to the nearest)
 BAND_FINER = 0  # the band is found at this many resolutions below the finest level (tighter band)
 SEED_RING = 2  # the start disk's radius (covers every region within one edge of the start point)
+PUSH_DOWN = 0.05  # a sparse coarsest resolution is stored as its descendants if that grows the table <= 5%
 BUILD_CHUNK = 5_000  # geofences covered together (vectorized; bounds the build's temporary memory)
 M_PER_DEG = 111_320.0  # metres per degree, at least as long as any degree of latitude or longitude
 _EDGE_M = np.array([h3.average_hexagon_edge_length(r, "m") for r in range(16)])
@@ -171,6 +187,16 @@ def _haversine_np(lat1: float | np.ndarray, lon1: float | np.ndarray, lat2: np.n
     return 2 * EARTH_RADIUS_M * np.arcsin(np.minimum(1.0, np.sqrt(a)))
 
 
+def _unit(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """Unit vectors (n, 3) of points given in radians."""
+    out = np.empty((len(lat), 3))
+    c = np.cos(lat)
+    out[:, 0] = c * np.cos(lon)
+    out[:, 1] = c * np.sin(lon)
+    out[:, 2] = np.sin(lat)
+    return out
+
+
 def segment_distance_rad(p1: np.ndarray, l1: np.ndarray, p2: np.ndarray, l2: np.ndarray,
                          phi: np.ndarray, lam: np.ndarray) -> np.ndarray:
     """Angular distance from points (phi, lam) to great-circle segments (p1, l1)-(p2, l2), all in radians and
@@ -237,15 +263,23 @@ def _corridor_degrees(line: shapely.LineString, radius_m: float) -> float:
 
 
 class _Shapes:
-    """The geofences as arrays for vectorized tests: kind numbers, prepared geometries, circle centres, radii
-    and every corridor segment (radians: lat1, lon1, lat2, lon2) in one table, CSR by fence number."""
+    """The geofences as arrays for vectorized tests: kind numbers, geometries, circle centres, radii and every
+    corridor segment (radians: lat1, lon1, lat2, lon2) in one table, CSR by fence number. ``exact``: also the
+    lookup's structures (polygon grids, unit vectors); without it (building covers) polygons are prepared for
+    shapely's vectorized predicates instead."""
 
-    def __init__(self, fences: Sequence[Geofence]) -> None:
+    def __init__(self, fences: Sequence[Geofence], exact: bool = False) -> None:
         self.kinds = np.array([_KINDS.index(f.kind) for f in fences], dtype=np.int8)
         self.geoms = np.empty(len(fences), dtype=object)
         self.geoms[:] = [f.geometry for f in fences]
-        if (self.kinds == 0).any():
-            shapely.prepare(self.geoms[self.kinds == 0])
+        polygons = np.flatnonzero(self.kinds == 0)
+        self.grids: PolygonGrids | None = None
+        if exact:  # the lookup's exact test: polygon grids (numbered by polygon) instead of GEOS
+            self.grids = PolygonGrids(self.geoms[polygons])
+            self.grid_of = np.full(len(fences), -1, dtype=np.int64)
+            self.grid_of[polygons] = np.arange(len(polygons))
+        elif len(polygons):
+            shapely.prepare(self.geoms[polygons])
         self.radius = np.array([f.radius_m for f in fences], dtype=np.float64)
         circles = self.kinds == 1
         self.center = np.zeros((len(fences), 2))
@@ -262,6 +296,48 @@ class _Shapes:
             self.segs = np.column_stack((rad[:-1, 1], rad[:-1, 0], rad[1:, 1], rad[1:, 0]))[same]
             counts[lines] = np.bincount(which[1:][same], minlength=len(lines))
         self.seg_ptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        if exact:
+            self._prepare_vectors()
+
+    def _prepare_vectors(self) -> None:
+        """Unit vectors for the lookup's circle and corridor tests (chord lengths and dot products, no
+        trigonometry per pair): circle centres; per corridor segment its ends a, b, the unit normal n of its
+        great circle and the normals n x a, b x n of the great circles through its ends (a point projects
+        inside the segment when it is on their positive sides)."""
+        angle = self.radius / EARTH_RADIUS_M
+        self.chord2 = (2 * np.sin(np.minimum(angle, math.pi) / 2)) ** 2
+        self.sin_r = np.sin(np.minimum(angle, math.pi / 2))
+        self.centre_unit = _unit(np.radians(self.center[:, 0]), np.radians(self.center[:, 1]))
+        a, b = _unit(self.segs[:, 0], self.segs[:, 1]), _unit(self.segs[:, 2], self.segs[:, 3])
+        n = np.cross(a, b)
+        norm = np.linalg.norm(n, axis=1, keepdims=True)
+        n = np.where(norm > 0, n / np.where(norm > 0, norm, 1), 0)  # a zero-length segment: its ends only
+        ta, tb = np.cross(n, a), np.cross(b, n)
+        self.seg_vectors = np.concatenate((a, b, n, ta, tb), axis=1)
+        self.seg_degenerate = norm[:, 0] == 0
+
+    def within(self, fences: np.ndarray, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
+        """Circle and corridor pairs: the point within the radius of the centre / centre line, by chord
+        length and cross-track sine (monotonic in the great-circle distance, so the same answer)."""
+        p = _unit(np.radians(lats), np.radians(lons))
+        ok = np.zeros(len(fences), dtype=bool)
+        kinds = self.kinds[fences]
+        circle = kinds == 1
+        if circle.any():
+            d = p[circle] - self.centre_unit[fences[circle]]
+            ok[circle] = (d * d).sum(axis=1) <= self.chord2[fences[circle]]
+        corridor = np.flatnonzero(kinds == 2)
+        if len(corridor):
+            pair, seg = _expand(self.seg_ptr, np.arange(len(self.segs)), fences[corridor], np.arange(len(corridor)))
+            q, v = p[corridor][pair], self.seg_vectors[seg]  # v: a, b, n, n x a, b x n
+            limit = fences[corridor][pair]
+            ends = q[:, None, :] - v[:, 0:6].reshape(-1, 2, 3)
+            near = ((ends * ends).sum(axis=2) <= self.chord2[limit][:, None]).any(axis=1)
+            dots = (q[:, None, :] * v[:, 6:15].reshape(-1, 3, 3)).sum(axis=2)  # q.n, q.(n x a), q.(b x n)
+            on = (dots[:, 1] >= 0) & (dots[:, 2] >= 0) & ~self.seg_degenerate[seg]
+            hit = near | (on & (np.abs(dots[:, 0]) <= self.sin_r[limit]))
+            ok[corridor] = np.bincount(pair[hit], minlength=len(corridor)) > 0
+        return ok
 
     def test(self, fences: np.ndarray, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
         """Exact answer per (fence number, point) pair: covered (polygons), within the radius (others)."""
@@ -269,10 +345,11 @@ class _Shapes:
         kinds = self.kinds[fences]
         poly = kinds == 0
         if poly.any():
-            ok[poly] = shapely.intersects_xy(self.geoms[fences[poly]], lons[poly], lats[poly])
+            assert self.grids is not None, "built with exact=True"
+            ok[poly] = self.grids.covers(self.grid_of[fences[poly]], lons[poly], lats[poly])
         other = ~poly
         if other.any():
-            ok[other] = self.distance_m(fences[other], lats[other], lons[other]) <= self.radius[fences[other]]
+            ok[other] = self.within(fences[other], lats[other], lons[other])
         return ok
 
     def distance_m(self, fences: np.ndarray, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
@@ -433,6 +510,28 @@ def cover_fence(fence: Geofence) -> FenceCover:
     return cover_fences([fence])[0]
 
 
+def _push_down(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Store the coarsest resolution's cells as their descendants at the next resolution present while that
+    adds at most PUSH_DOWN x the table's size: a resolution fewer to probe for every point of every batch (a
+    cell's region is exactly the union of its children's, so answers do not change)."""
+    while len(keys):
+        res = cell_resolutions(keys)
+        present = np.unique(res)
+        if len(present) < 2:
+            break
+        at = res == present[0]
+        steps = int(present[1] - present[0])
+        if int(at.sum()) * (7**steps - 1) > PUSH_DOWN * len(keys):
+            break
+        cells, owner = keys[at], np.flatnonzero(at)
+        for _ in range(steps):
+            cells, up = _children(cells, cell_resolutions(cells))
+            owner = owner[up]
+        keys = np.concatenate((keys[~at], cells))
+        values = np.concatenate((values[~at], values[owner]))
+    return keys, values
+
+
 class GeofenceIndex:
     """Immutable index of geofences; ``lookup`` answers many points at once."""
 
@@ -442,14 +541,24 @@ class GeofenceIndex:
 
     def __init__(self, fences: Sequence[Geofence], covers: dict[str, FenceCover]) -> None:
         self.fences: tuple[Geofence, ...] = tuple(sorted(fences, key=lambda f: f.id))
+        parts = [covers[f.id] for f in self.fences]
+        numbers = np.arange(len(parts), dtype=np.int32)
+        inner = [c.interior for c in parts]
+        edge = [c.boundary for c in parts]
+        cells = np.concatenate([*inner, *edge]) if parts else np.empty(0, np.uint64)
+        values = np.concatenate((np.repeat(numbers, [len(c) for c in inner]),
+                                 ~np.repeat(numbers, [len(c) for c in edge])))
+        self._setup(cells, values)
+
+    def _setup(self, cells: np.ndarray, values: np.ndarray) -> None:
+        """The lookup structures, from every cover cell with its fence number (f: interior, ~f: boundary)."""
         self._number = {fence.id: i for i, fence in enumerate(self.fences)}
-        self._covers = covers
         self.ids = np.array([f.id for f in self.fences], dtype=object)
-        self._shapes = _Shapes(self.fences)
+        self._shapes = _Shapes(self.fences, exact=True)
         self._answers = AnswerSets(self.ids)
         self._cross = [(f.id, _candidate_polygon(f)) for f in self.fences if f.settings.cross]
         self.has_cross = bool(self._cross)
-        self._build_table()
+        self._build_table(cells.astype(np.uint64), values.astype(np.int32))
         self.finest_resolution = LOOKUP_RESOLUTION
 
     @classmethod
@@ -458,12 +567,11 @@ class GeofenceIndex:
         return cls(fences, dict(zip((f.id for f in fences), cover_fences(fences), strict=True)))
 
     def with_changes(self, upserts: Iterable[Geofence] = (), deletes: Iterable[str] = ()) -> GeofenceIndex:
-        """A new index with geofences added, replaced or removed; unchanged geofences keep their covers."""
+        """A new index with geofences added, replaced or removed; unchanged geofences keep their covers (read
+        back from the lookup table: the index keeps no second copy)."""
         fences = {f.id: f for f in self.fences}
-        covers = dict(self._covers)
         for fence_id in deletes:
             fences.pop(fence_id, None)
-            covers.pop(fence_id, None)
         changed = []
         for fence in upserts:
             old = fences.get(fence.id)
@@ -471,22 +579,50 @@ class GeofenceIndex:
                 changed.append(fence)
             fences[fence.id] = fence
         changed = list({f.id: f for f in changed}.values())  # the last version of a geofence upserted twice
-        covers.update(zip((f.id for f in changed), cover_fences(changed), strict=True))
-        return GeofenceIndex(list(fences.values()), covers)
+        fresh = GeofenceIndex.__new__(GeofenceIndex)
+        fresh.fences = tuple(sorted(fences.values(), key=lambda f: f.id))
+        new_number = {f.id: i for i, f in enumerate(fresh.fences)}
+        stale = {f.id for f in changed}
+        # old fence number -> new one (-1: deleted or reshaped)
+        renumber = np.array([-1 if i in stale else new_number.get(i, -1) for i in self.ids.tolist()],
+                            dtype=np.int32)
+        cells, values = self._entries()
+        number = np.where(values >= 0, values, ~values)
+        kept = renumber[number] >= 0
+        cells, values = cells[kept], np.where(values[kept] >= 0, renumber[number[kept]], ~renumber[number[kept]])
+        new_cells, new_values = [cells], [values]
+        for fence, cover in zip(changed, cover_fences(changed), strict=True):
+            f = np.int32(new_number[fence.id])
+            new_cells += [cover.interior, cover.boundary]
+            new_values += [np.full(len(cover.interior), f, np.int32), np.full(len(cover.boundary), ~f, np.int32)]
+        fresh._setup(np.concatenate(new_cells), np.concatenate(new_values))
+        return fresh
 
-    def _build_table(self) -> None:
-        """All cover cells of all resolutions in one sorted array, with CSR lists of interior and boundary fence
-        numbers per cell (one searchsorted per batch finds every resolution's cells)."""
-        covers = [self._covers[f.id] for f in self.fences]
-        counts_i = np.array([len(c.interior) for c in covers], dtype=np.int64)
-        counts_b = np.array([len(c.boundary) for c in covers], dtype=np.int64)
-        inner_keys = np.concatenate([c.interior for c in covers]) if covers else np.empty(0, np.uint64)
-        edge_keys = np.concatenate([c.boundary for c in covers]) if covers else np.empty(0, np.uint64)
-        numbers = np.arange(len(covers), dtype=np.int32)
-        self._cells = np.unique(np.concatenate((inner_keys, edge_keys)))
-        self._interior_ptr, self._interior = _csr(self._cells, inner_keys, np.repeat(numbers, counts_i))
-        self._boundary_ptr, self._boundary = _csr(self._cells, edge_keys, np.repeat(numbers, counts_b))
-        res = np.unique(cell_resolutions(self._cells))
+    def _entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (cell, fence value) entry of the table (value f: interior, ~f: boundary)."""
+        slots = np.repeat(np.arange(len(self._table)), np.diff(self._ptr))
+        return self._table.keys[slots], self._values
+
+    def cover(self, fence_id: str) -> FenceCover:
+        """One geofence's cover, read back from the lookup table."""
+        f = self._number[fence_id]
+        cells, values = self._entries()
+        inner, edge = np.sort(cells[values == f]), np.sort(cells[values == ~f])
+        both = np.concatenate((inner, edge))
+        return FenceCover(int(cell_resolutions(both).max()) if len(both) else LOOKUP_RESOLUTION, inner, edge)
+
+    def _build_table(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """All cover cells of all resolutions in one hash table, and per slot of it one CSR list of fence
+        numbers, interior ones as f and boundary ones as ~f (one expansion per batch yields both)."""
+        keys, values = _push_down(keys, values)
+        cells, rows = np.unique(keys, return_inverse=True)
+        self._table, slot_of = CellHash.build(cells)
+        slots = slot_of[rows]
+        order = np.lexsort((values, slots))
+        self._values = values[order]
+        self._ptr = np.concatenate(([0], np.cumsum(np.bincount(slots, minlength=len(self._table))))).astype(np.int32)
+        self._n_cells = len(cells)
+        res = np.unique(cell_resolutions(cells))
         self._resolutions = tuple(int(r) for r in res)
         self._res_column = res.astype(np.uint64)[:, None]
 
@@ -511,26 +647,23 @@ class GeofenceIndex:
         """Sorted ids of the geofences covering each point. ``cells``: the points' cells at LOOKUP_RESOLUTION
         (uint64), when the caller has them already."""
         n = len(lats)
-        if n == 0 or not len(self._cells):
+        if n == 0 or not self._n_cells:
             return [()] * n
         lats = np.asarray(lats, dtype=np.float64)
         lons = np.asarray(lons, dtype=np.float64)
         if cells is None:
             cells = self.cells_for(lats, lons)
         cells = np.asarray(cells, dtype=np.uint64)
-        order = np.argsort(cells, kind="stable")  # sorted keys: searchsorted resumes from the previous answer
-        keys = parent_cells(cells[order][None, :], self._res_column).ravel()
-        table = self._cells
-        pos = np.searchsorted(table, keys)
-        pos[pos == len(table)] = 0
-        found = np.flatnonzero(table[pos] == keys)
-        rows, points = pos[found], order[found % n]
-        p, f = _expand(self._interior_ptr, self._interior, rows, points)
-        bp, bf = _expand(self._boundary_ptr, self._boundary, rows, points)
-        if len(bp):
+        rows = self._table.find(parent_cells(cells[None, :], self._res_column).ravel())
+        found = np.flatnonzero(rows >= 0)
+        points, fences = _expand(self._ptr, self._values, rows[found], found % n)
+        edge = fences < 0
+        if edge.any():
+            bp, bf = points[edge], ~fences[edge]
             ok = self._shapes.test(bf, lats[bp], lons[bp])
-            p, f = np.concatenate((p, bp[ok])), np.concatenate((f, bf[ok]))
-        return self._answers.tuples(n, p, f)
+            points = np.concatenate((points[~edge], bp[ok]))
+            fences = np.concatenate((fences[~edge], bf[ok]))
+        return self._answers.tuples(n, points, fences)
 
     def lookup_one(self, lat: float, lon: float) -> tuple[str, ...]:
         return self.lookup(np.array([lat]), np.array([lon]))[0]
@@ -561,34 +694,38 @@ class GeofenceIndex:
         return tuple(fence_id for fence_id, area in self._cross if area.intersects(segment))
 
     def memory_bytes(self) -> int:
-        """Index memory: numpy arrays exactly (the lookup table and the per-geofence covers kept for
-        ``with_changes``), geometries estimated from their coordinates (16 B each plus ~200 B per geometry
-        object), plus ~300 B per geofence for records, the id map and the cached 1-tuples."""
-        arrays = sum(a.nbytes for a in (self._cells, self._interior_ptr, self._interior, self._boundary_ptr,
-                                        self._boundary, self._shapes.segs, self._shapes.seg_ptr))
-        covers = sum(c.interior.nbytes + c.boundary.nbytes for c in self._covers.values())
+        """Index memory: numpy arrays exactly (hash table, CSR fence lists, polygon grids, corridor segments),
+        geometries estimated from their coordinates (16 B each plus ~200 B per geometry object), plus ~300 B
+        per geofence for records, the id map and the cached 1-tuples. Answer tuples learned at lookup and the
+        Geofence objects' own copies of the geometries are not counted."""
+        arrays = sum(a.nbytes for a in (self._ptr, self._values, self._shapes.segs, self._shapes.seg_ptr))
+        arrays += self._table.memory_bytes()
+        arrays += self._shapes.grids.memory_bytes() if self._shapes.grids is not None else 0
         geoms = self._shapes.geoms
         coords = int(shapely.get_num_coordinates(geoms).sum()) if len(geoms) else 0
-        return arrays + covers + coords * 16 + len(self.fences) * 500
+        return arrays + coords * 16 + len(self.fences) * 500
 
 
 class AnswerSets:
     """Turns (point, fence number) pairs into one tuple of sorted ids per point without a Python loop per
     point: every set of fence numbers met gets a number and its tuple is built once. Set numbers: 0 the empty
-    set, f + 1 the set {f}; a bigger set is numbered by the pair (number of the set without its largest member,
-    that member), kept in sorted arrays so a batch resolves one member rank at a time with ``searchsorted``.
-    Sets learned during a batch are merged in at its end (a few per batch once warm); past ``limit`` sets the
-    memory starts again from the single sets."""
+    set, f + 1 the set {f}; a set of several fences is known by two 64-bit sums (mod 2**64) of random numbers
+    drawn per fence (one ``add.reduceat`` per batch gives every point's), kept in sorted arrays and searched
+    with ``searchsorted``. Two different sets share both sums with probability about 2**-128 per pair of
+    sets. Sets learned during a batch are merged in at its end (a few per batch once warm); past ``limit``
+    sets the memory starts again from the single sets."""
 
     def __init__(self, ids: np.ndarray, limit: int = 1_000_000) -> None:
         self._ids = ids.tolist()
-        self._bits = np.uint64(max(21, (len(self._ids) + 1).bit_length()))
+        rng = np.random.default_rng(0x5EED)
+        self._salt = rng.integers(0, 2**64 - 1, size=(2, len(self._ids)), dtype=np.uint64, endpoint=True)
         self._limit = limit
         self._reset()
 
     def _reset(self) -> None:
-        self._keys = np.empty(0, dtype=np.uint64)  # (smaller set number << bits) | (member + 1), sorted
-        self._sets = np.empty(0, dtype=np.int64)  # the set number of each key
+        self._keys = np.empty(0, dtype=np.uint64)  # first sum of each known set, sorted
+        self._check = np.empty(0, dtype=np.uint64)  # its second sum
+        self._sets = np.empty(0, dtype=np.int64)  # its number
         self._tuples = np.empty(len(self._ids) + 1 + 1024, dtype=object)
         self._tuples[: len(self._ids) + 1] = [(), *((i,) for i in self._ids)]
         self._count = len(self._ids) + 1
@@ -602,32 +739,33 @@ class AnswerSets:
             self._reset()
         sets = np.zeros(n, dtype=np.int64)
         if len(points):
-            order = np.argsort(points.astype(np.int64) * (len(self._ids) + 1) + fences, kind="stable")
-            points, fences = points[order], fences[order]
-            starts = np.flatnonzero(np.diff(points, prepend=-1))
-            rank = np.arange(len(points)) - np.repeat(starts, np.diff(np.append(starts, len(points))))
-            sets[points[starts]] = fences[starts] + 1
-            member = 1
-            while True:
-                at = np.flatnonzero(rank == member)
-                if not len(at):
-                    break
-                p = points[at]
-                sets[p] = self._extend(sets[p], fences[at])
-                member += 1
+            single = np.bincount(points, minlength=n)[points] == 1
+            sets[points[single]] = fences[single] + 1
+            if not single.all():
+                points, fences = points[~single], fences[~single]
+                order = np.argsort(points, kind="stable")
+                points, fences = points[order], fences[order]
+                starts = np.flatnonzero(np.concatenate(([True], points[1:] != points[:-1])))
+                first = np.add.reduceat(self._salt[0, fences], starts)
+                second = np.add.reduceat(self._salt[1, fences], starts)
+                sets[points[starts]] = self._numbers(first, second, fences, starts)
         return self._tuples[sets].tolist()
 
-    def _extend(self, smaller: np.ndarray, members: np.ndarray) -> np.ndarray:
-        """The numbers of the sets ``smaller`` + {member}, each member larger than the smaller set's."""
-        keys = (smaller.astype(np.uint64) << self._bits) | (members + 1).astype(np.uint64)
-        pos = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
-        known = self._keys[pos] == keys if len(self._keys) else np.zeros(len(keys), dtype=bool)
-        result = np.where(known, self._sets[pos] if len(self._keys) else 0, -1)
+    def _numbers(self, first: np.ndarray, second: np.ndarray, fences: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """The set number of every group of ``fences`` (groups begin at ``starts``), learning new sets."""
+        pos = np.minimum(np.searchsorted(self._keys, first), max(len(self._keys) - 1, 0))
+        if len(self._keys):
+            known = (self._keys[pos] == first) & (self._check[pos] == second)
+            result = np.where(known, self._sets[pos], -1)
+        else:
+            known = np.zeros(len(first), dtype=bool)
+            result = np.full(len(first), -1, dtype=np.int64)
         if known.all():
             return result
-        new: dict[int, int] = {}
+        ends = np.append(starts[1:], len(fences))
+        new: dict[tuple[int, int], int] = {}
         for i in np.flatnonzero(~known).tolist():
-            key = int(keys[i])
+            key = (int(first[i]), int(second[i]))
             number = new.get(key)
             if number is None:
                 if self._count >= len(self._tuples):
@@ -635,22 +773,16 @@ class AnswerSets:
                     grown[: self._count] = self._tuples[: self._count]
                     self._tuples = grown
                 number = new[key] = self._count
-                self._tuples[number] = self._tuples[int(smaller[i])] + (self._ids[int(members[i])],)
+                members = sorted(fences[starts[i] : ends[i]].tolist())
+                self._tuples[number] = tuple(self._ids[f] for f in members)
                 self._count += 1
             result[i] = number
-        added = np.fromiter(new, dtype=np.uint64, count=len(new))
+        added = np.array([k[0] for k in new], dtype=np.uint64)
+        check = np.array([k[1] for k in new], dtype=np.uint64)
         numbers = np.fromiter(new.values(), dtype=np.int64, count=len(new))
         order = np.argsort(added)
         at = np.searchsorted(self._keys, added[order])
         self._keys = np.insert(self._keys, at, added[order])
+        self._check = np.insert(self._check, at, check[order])
         self._sets = np.insert(self._sets, at, numbers[order])
         return result
-
-
-def _csr(cells: np.ndarray, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((values, keys))
-    keys, values = keys[order], values[order]
-    counts = np.bincount(np.searchsorted(cells, keys), minlength=len(cells)) if len(keys) else \
-        np.zeros(len(cells), dtype=np.int64)
-    ptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-    return ptr, values.astype(np.int32)

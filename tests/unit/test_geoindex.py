@@ -235,7 +235,7 @@ def test_with_changes_equals_a_fresh_build():
 def test_interior_cells_are_used_and_memory_is_reported():
     fence = parse_geofence(polygon_feature("big", [star(53.4, -2.98, 5000, [1.0] * 30)]))
     index = GeofenceIndex.build([fence])
-    cover = index._covers["big"]
+    cover = index.cover("big")
     assert len(cover.interior) > 0 and len(cover.boundary) > 0
     assert index.memory_bytes() > cover.interior.nbytes + cover.boundary.nbytes
 
@@ -428,7 +428,7 @@ def test_covers_use_several_resolutions_and_interior_cells_carry_much_of_the_are
     """A big polygon is answered for a good part by interior cells of more than one resolution (no geometry at
     lookup); interior and boundary cells together reach beyond the polygon."""
     fence = parse_geofence(polygon_feature("big", [star(53.4, -2.98, 5000, [1.0] * 30)]))
-    cover = GeofenceIndex.build([fence])._covers["big"]
+    cover = GeofenceIndex.build([fence]).cover("big")
     assert len(set(geoindex.cell_resolutions(cover.interior).tolist())) > 1
 
     def area(cells: np.ndarray) -> float:
@@ -437,3 +437,50 @@ def test_covers_use_several_resolutions_and_interior_cells_carry_much_of_the_are
     polygon_m2 = shapely.area(fence.geometry) * 111_320**2 * math.cos(math.radians(53.4))
     assert area(cover.interior) > 0.4 * polygon_m2
     assert area(cover.interior) + area(cover.boundary) > polygon_m2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(-80, 80), st.floats(-170, 170), st.floats(5, 20_000), st.integers(1, 5), st.integers(0, 2**32 - 1))
+def test_lookup_circle_and_corridor_tests_equal_geodesic_distances(lat, lon, radius, legs, seed):
+    """The lookup's trigonometry-free tests (chords, cross-track sines) against the great-circle distances the
+    covers are built with, for points within 1 cm of the limit left out."""
+    rng = np.random.default_rng(seed)
+    points = [(lat, lon)]
+    for _ in range(legs):
+        points.append(destination(*points[-1], float(rng.uniform(0, 360)), float(rng.uniform(0, 4 * radius))))
+    circle = parse_geofence({"type": "Feature", "id": "c", "geometry": {"type": "Point", "coordinates": [lon, lat]},
+                             "properties": {"radius_m": radius}})
+    corridor = parse_geofence({"type": "Feature", "id": "r", "properties": {"buffer_m": radius},
+                               "geometry": {"type": "LineString", "coordinates": [[p[1], p[0]] for p in points]}})
+    shapes = geoindex._Shapes([circle, corridor], exact=True)
+    m = 4000
+    fences = rng.integers(0, 2, m)
+    bearing, distance = rng.uniform(0, 360, m), rng.uniform(0, 2.5, m) * radius
+    anchor = [points[int(k)] for k in rng.integers(0, len(points), m)]
+    lats, lons = np.array([destination(*a, b, d) for a, b, d in zip(anchor, bearing, distance, strict=True)]).T
+    expected = shapes.distance_m(fences, lats, lons)
+    judged = np.abs(expected - radius) > TOLERANCE_M
+    got = shapes.within(fences, lats, lons)
+    assert (got == (expected <= radius))[judged].all()
+    assert 0.1 < got.mean() < 0.9
+
+
+def test_sparse_coarse_resolution_pushed_down_keeps_every_answer(monkeypatch):
+    """Coarse cells stored as their descendants at the next resolution present (forced here with a generous
+    PUSH_DOWN) leave one resolution fewer to probe and every answer the same."""
+    features = [polygon_feature("big", [star(52.0, 5.0, 20_000, [1.0, 0.7] * 15)])]
+    for i in range(300):
+        lat, lon = destination(52.0, 5.0, i * 37.0 % 360, 200.0 * i)
+        features.append(polygon_feature(f"s{i}", [star(lat, lon, 300, [1.0, 0.6] * 8)]))
+    fences = [parse_geofence(f) for f in features]
+    monkeypatch.setattr(geoindex, "PUSH_DOWN", 0.0)
+    plain = GeofenceIndex.build(fences)
+    monkeypatch.setattr(geoindex, "PUSH_DOWN", 1000.0)
+    pushed = GeofenceIndex.build(fences)
+    assert len(pushed.resolutions) < len(plain.resolutions)
+    assert pushed.resolutions[0] > plain.resolutions[0]
+    rng = np.random.default_rng(7)
+    lats, lons = 52.0 + rng.uniform(-0.2, 0.2, 20_000), 5.0 + rng.uniform(-0.3, 0.3, 20_000)
+    got, expected = pushed.lookup(lats, lons), plain.lookup(lats, lons)
+    assert got == expected
+    assert sum(1 for a in got if "big" in a) > 1000

@@ -1,0 +1,98 @@
+"""An open-addressing hash table from uint64 H3 cells to row numbers, built and probed with whole-array numpy.
+
+Why: a sorted array searched with ``searchsorted`` costs about twenty cache-missing steps per key, growing with
+the number of cells (so with the number of geofences); a hash table costs one or two probes per key whatever
+its size. Linear probing, splitmix64 hashing, half full. Cell 0 is not a valid H3
+index, so it marks an empty slot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+LOAD = 0.5  # cells per slot
+_FEW = 64  # unresolved keys below which one wide round finishes the probing
+
+
+class CellHash:
+    """The slot of each of ``cells`` (distinct, non-zero) in an open-addressing table, -1 for any other cell.
+    Callers index their own per-slot arrays by it (the index: a CSR pointer per slot), so a found key costs
+    one read of the table and one of that array, with no row number in between."""
+
+    def __init__(self, keys: np.ndarray, capacity: int, max_probe: int) -> None:
+        self.keys = keys
+        self._capacity = np.uint64(capacity)
+        self.max_probe = max_probe
+
+    @classmethod
+    def build(cls, cells: np.ndarray) -> tuple[CellHash, np.ndarray]:
+        """The table of ``cells``, and the slot each of them went to."""
+        cells = np.asarray(cells, dtype=np.uint64)
+        table = cls(np.zeros(0, dtype=np.uint64), max(16, int(len(cells) / LOAD)), 0)
+        keys = np.zeros(int(table._capacity) + 64, dtype=np.uint64)  # probes run on past the end
+        slot_of = np.empty(len(cells), dtype=np.int64)
+        pending = np.arange(len(cells))
+        slot = table._slot(cells)
+        probe = 0
+        while len(pending):
+            if slot.max(initial=0) >= len(keys):
+                keys = np.concatenate((keys, np.zeros(len(keys) // 4, dtype=np.uint64)))
+            # of the keys aiming at one free slot, the first takes it
+            cand = np.flatnonzero(keys[slot] == 0)
+            _, first = np.unique(slot[cand], return_index=True)
+            won = cand[first]
+            keys[slot[won]] = cells[pending[won]]
+            slot_of[pending[won]] = slot[won]
+            if len(won):
+                table.max_probe = probe
+            left = np.ones(len(pending), dtype=bool)
+            left[won] = False
+            pending, slot = pending[left], slot[left] + 1
+            probe += 1
+        table.keys = keys
+        return table, slot_of
+
+    def __len__(self) -> int:
+        """Number of slots (the length of per-slot arrays)."""
+        return len(self.keys)
+
+    def _slot(self, cells: np.ndarray) -> np.ndarray:
+        """splitmix64's finaliser, then modulo the capacity: H3 cells differ in few, structured bits, which a
+        plain multiply clusters; the modulo lets the capacity be any size (memory: LOAD, not a power of 2)."""
+        x = cells ^ (cells >> _S30)
+        x *= _M1
+        x ^= x >> _S27
+        x *= _M2
+        x ^= x >> _S31
+        return (x % self._capacity).astype(np.int64)
+
+    def find(self, cells: np.ndarray) -> np.ndarray:
+        """Slot of every cell (-1: absent). Rounds read one slot per unresolved key (found, or an empty slot:
+        absent); once few keys are left, one last round reads all the slots up to the longest probe."""
+        cells = np.asarray(cells, dtype=np.uint64)
+        slot = self._slot(cells)
+        found = self.keys[slot]
+        out = np.where(found == cells, slot, -1)
+        pending = np.flatnonzero((found != cells) & (found != 0))
+        probe = 1
+        while len(pending) > _FEW and probe <= self.max_probe:
+            slot_p = slot[pending] + probe
+            found = self.keys[slot_p]
+            hit = found == cells[pending]
+            out[pending[hit]] = slot_p[hit]
+            pending = pending[~hit & (found != 0)]
+            probe += 1
+        if len(pending) and probe <= self.max_probe:
+            window = slot[pending][:, None] + np.arange(probe, self.max_probe + 1)
+            found = self.keys[window]
+            hit = found == cells[pending][:, None]
+            # a hit counts only before the first empty slot (linear probing never skips one)
+            empty = np.cumsum(found == 0, axis=1) > 0
+            row, col = np.nonzero(hit & ~empty)
+            out[pending[row]] = window[row, col]
+        return out
+
+    def memory_bytes(self) -> int:
+        return self.keys.nbytes
