@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import orjson
@@ -70,10 +70,6 @@ def h3_ints(cells: Sequence[str]) -> np.ndarray:
     if (nibbles == 255).any():
         raise ValueError("not an H3 cell: a character is not a hex digit")
     return np.bitwise_or.reduce(nibbles.astype(np.uint64) << _NIBBLE_SHIFTS, axis=1)
-
-
-class RowsReader(Protocol):
-    def get(self, partition: int, key: bytes) -> bytes | None: ...
 
 
 class BatchRows:
@@ -230,13 +226,10 @@ class CellStage:
 class Aggregation:
     """Both stages for the partitions this worker holds; called by the position pipeline with no await."""
 
-    def __init__(self, settings: Settings, rows_table: RowsReader | None, stats_table: RowsReader | None,
-                 items: Callable[[str], Iterator[tuple[int, bytes, bytes]]] | None = None,
+    def __init__(self, settings: Settings, items: Callable[[str], Iterator[tuple[int, bytes, bytes]]] | None = None,
                  sources: int | None = None, wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
                  active: Callable[[], Iterable[int]] | None = None) -> None:
         self.settings = settings
-        self.rows_table = rows_table
-        self.stats_table = stats_table
         self.items = items  # table name -> (partition, key, value) of the active partitions' records
         self.sources = sources or settings.partitions  # partitions of the positions topic
         self.wall_ms = wall_ms

@@ -225,7 +225,7 @@ class PositionWorker:
         if self.aggregate_tables is not None:
             rows, cells = self.aggregate_tables
             self.aggregation = Aggregation(
-                self.settings, rows, cells, items=self._aggregate_items, sources=n_in,
+                self.settings, items=self._aggregate_items, sources=n_in,
                 active=lambda: self._active_partitions() if self.recovered() else (),
             )
             self.aggregation.changelogs = {AGGREGATES_TABLE: rows.table.changelog_topic_name,

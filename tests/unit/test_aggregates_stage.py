@@ -47,7 +47,7 @@ class Cluster:
             for key, value in list(self.tables[table].items()):
                 yield int(key.split(b"/", 1)[0]), key, value
 
-        self.agg = Aggregation(self.settings, None, None, items=items, sources=PARTITIONS,
+        self.agg = Aggregation(self.settings, items=items, sources=PARTITIONS,
                                wall_ms=lambda: self.wall, active=lambda: range(PARTITIONS))
 
     def _deliver(self, records, writes, acks, table: str, ack: bool = True) -> None:
