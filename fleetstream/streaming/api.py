@@ -76,7 +76,18 @@ def device_view(state: DeviceState) -> dict[str, Any]:
         "motion": str(state.motion),
         "odometer_m": state.odometer_m,
         "fixes": state.fixes,
+        "trip": trip_view(state),
     }
+
+
+def trip_view(state: DeviceState) -> dict[str, Any] | None:
+    """The open trip while the device moves: where and when it started, distance and top speed so far."""
+    trip = state.trip
+    if trip is None:
+        return None
+    return {"start": format_ts(trip.start_ms), "start_lat": trip.lat, "start_lon": trip.lon,
+            "start_geofences": list(trip.geofences), "distance_m": round(state.odometer_m - trip.odometer_m, 1),
+            "duration_s": round((state.ts_ms - trip.start_ms) / 1000, 3), "max_speed_kmh": trip.max_speed_kmh}
 
 
 def signals_view(signals: DeviceSignals | None, rules: Any) -> dict[str, Any]:

@@ -54,3 +54,31 @@ def test_filter_devices_pages_by_id_and_filters_by_geofence_and_parent_cell():
     assert {s.device_id for s in in_cell} == {
         s.device_id for s in states if h3.cell_to_parent(s.h3, 6) == parent
     } and in_cell
+
+
+def test_device_view_of_a_moving_device_shows_its_open_trip_and_matches_the_schema():
+    import jsonschema
+
+    from fleetstream.domain.geo import haversine_m
+    from fleetstream.domain.models import Position
+    from fleetstream.domain.tracking import TrackingConfig, step_position
+    from fleetstream.streaming.api import device_view
+
+    config = TrackingConfig()
+    state, start = None, 1_790_000_000_000
+    points = [(52.0 + k * 0.0007, 4.0) for k in range(60)]  # ~78 m every 5 s: ~56 km/h north
+    for k, (lat, lon) in enumerate(points):
+        state, _ = step_position(state, Position("van-1", start + k * 5_000, lat, lon), config, start + k * 5_000)
+    view = device_view(state)
+    trip = view["trip"]
+    assert trip is not None and state.trip is not None
+    first = next(k for k, p in enumerate(points) if (p[0], p[1]) == (state.trip.lat, state.trip.lon))
+    travelled = sum(haversine_m(*a, *b) for a, b in zip(points[first:], points[first + 1:], strict=False))
+    assert abs(trip["distance_m"] - travelled) < 0.1
+    assert trip["duration_s"] == (len(points) - 1 - first) * 5
+    spec = yaml.safe_load(OPENAPI_PATH.read_text())
+    schema = {**spec["components"]["schemas"]["Device"], "components": spec["components"]}
+    jsonschema.validate(view, schema)
+    parked = device_view(state._replace(trip=None))
+    assert parked["trip"] is None
+    jsonschema.validate(parked, schema)
