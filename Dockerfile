@@ -26,6 +26,7 @@ ENV PATH=/opt/fleetstream/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     FLEETSTREAM_DATA_DIR=/var/lib/fleetstream/data \
+    NUMBA_CACHE_DIR=/var/lib/fleetstream/numba-cache \
     FLEETSTREAM_WEB_HOST=0.0.0.0 \
     FLEETSTREAM_WEB_PORT=6066
 WORKDIR /var/lib/fleetstream

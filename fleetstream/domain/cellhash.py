@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from fleetstream.domain.kernels import find_slots
+
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 LOAD = 0.5  # cells per slot
-_FEW = 64  # unresolved keys below which one wide round finishes the probing
 
 
 class CellHash:
@@ -68,31 +69,14 @@ class CellHash:
         x ^= x >> _S31
         return (x % self._capacity).astype(np.int64)
 
+    @property
+    def capacity(self) -> np.uint64:
+        return self._capacity
+
     def find(self, cells: np.ndarray) -> np.ndarray:
-        """Slot of every cell (-1: absent). Rounds read one slot per unresolved key (found, or an empty slot:
-        absent); once few keys are left, one last round reads all the slots up to the longest probe."""
-        cells = np.asarray(cells, dtype=np.uint64)
-        slot = self._slot(cells)
-        found = self.keys[slot]
-        out = np.where(found == cells, slot, -1)
-        pending = np.flatnonzero((found != cells) & (found != 0))
-        probe = 1
-        while len(pending) > _FEW and probe <= self.max_probe:
-            slot_p = slot[pending] + probe
-            found = self.keys[slot_p]
-            hit = found == cells[pending]
-            out[pending[hit]] = slot_p[hit]
-            pending = pending[~hit & (found != 0)]
-            probe += 1
-        if len(pending) and probe <= self.max_probe:
-            window = slot[pending][:, None] + np.arange(probe, self.max_probe + 1)
-            found = self.keys[window]
-            hit = found == cells[pending][:, None]
-            # a hit counts only before the first empty slot (linear probing never skips one)
-            empty = np.cumsum(found == 0, axis=1) > 0
-            row, col = np.nonzero(hit & ~empty)
-            out[pending[row]] = window[row, col]
-        return out
+        """Slot of every cell (-1: absent): linear probing from its hash slot, compiled (``kernels.find_slots``,
+        the probe loop GeofenceIndex lookups run)."""
+        return find_slots(self.keys, np.ascontiguousarray(cells, dtype=np.uint64), self._capacity, self.max_probe)
 
     def memory_bytes(self) -> int:
         return self.keys.nbytes

@@ -1,9 +1,9 @@
 """GeofenceIndex: which geofences contain each of many points, answered in vectorized steps.
 
 Two phases, as in tile38: a broad phase over an H3 cover of every geofence, then an exact test only where the
-broad phase cannot decide. Everything below runs as numpy / shapely / h3ronpy calls over whole arrays (all
-geofences at once when building, a whole batch of points when looking up); nothing loops per point or per cell
-in Python.
+broad phase cannot decide. Building runs as numpy / shapely / h3ronpy calls over whole arrays (all geofences at
+once), nothing looping per cell in Python; lookups run as a few compiled loops over the batch of points
+(``kernels.lookup_pairs``, numba).
 
 Regions. A point is looked up by its H3 cell at LOOKUP_RESOLUTION (11); its cell at a coarser resolution r is
 *derived* from that one with bit operations (keep the leading digits). So the set of points a res-r cell C
@@ -33,22 +33,22 @@ and is refined DEPTH levels: a cell is *interior* (kept, no geometry at lookup),
 The band is a few finest cells wide, so at DEPTH 3 an average geofence keeps a few dozen to a hundred cells;
 jagged polygons (many short spikes) still leave a good share of their points to the exact test.
 
-Lookup, per batch of points (cells at LOOKUP_RESOLUTION given or computed):
+Lookup, per batch of points (cells at LOOKUP_RESOLUTION given or computed), compiled (``kernels``), in phases
+over the batch so that the CPU keeps many cache misses in flight (the tables outgrow its caches):
 
-- Table: the batch's cells derived at every resolution present are looked up at once in an open-addressing
-  hash table of all cover cells (``cellhash.CellHash``: splitmix64, linear probing, half full; one or two
-  probes per key whatever the number of geofences, where a sorted array took ~20 cache-missing steps). Each
-  slot owns a CSR list of fence numbers, f for interior and ~f for boundary (one expansion yields both). A
-  sparse coarsest resolution is stored as its descendants (``_push_down``): one resolution fewer to probe.
-- Exact test of boundary pairs, vectorized per kind and without GEOS:
-  polygons by crossing numbers over per-polygon bucket grids (``polygrid.PolygonGrids``: each pair reads the
-  few edges of its bucket and the bucket corner's precomputed status); circles by chord length between unit
-  vectors, corridors by cross-track sines and end-point chords (monotonic in the great-circle distance, so the
-  same answer as the geodesic distance the covers are built with, without trigonometry per pair).
-  Covers semantics hold for every point farther than rounding (~1e-15 degrees) from a polygon's boundary,
-  and for points exactly on a vertex or an axis-parallel edge (inside).
-- Answers: (point, fence number) pairs become tuples of ids only at the end: a point in exactly one geofence
-  gets that fence's cached 1-tuple, a point in several the tuple cached for its set (``AnswerSets``).
+- Table: the batch's cells derived at every resolution present are looked up in an open-addressing hash table
+  of all cover cells (``cellhash.CellHash``: splitmix64, linear probing, half full; one or two probes per key
+  whatever the number of geofences, where a sorted array took ~20 cache-missing steps). Each slot owns a CSR
+  list of fence numbers, f for interior and ~f for boundary. A sparse coarsest resolution is stored as its
+  descendants (``_push_down``): one resolution fewer to probe.
+- Exact test of boundary pairs, without GEOS: polygons by crossing numbers over per-polygon bucket grids
+  (``polygrid.PolygonGrids``: each pair reads the few edges of its bucket and the bucket corner's precomputed
+  status); circles by chord length between unit vectors, corridors by cross-track sines and end-point chords
+  (monotonic in the great-circle distance, so the same answer as the geodesic distance the covers are built
+  with, without trigonometry per pair). Covers semantics hold for every point farther than rounding (~1e-15
+  degrees) from a polygon's boundary, and for points exactly on a vertex or an axis-parallel edge (inside).
+- Answers: (point, fence number) pairs become tuples of ids only at the end (numpy): a point in exactly one
+  geofence gets that fence's cached 1-tuple, a point in several the tuple cached for its set (``AnswerSets``).
 
 Memory: each cover cell is stored once (hash slot key + CSR entry; ``with_changes`` and ``cover`` read covers
 back from the table); polygons add their vertices (16 B each) and about two grid buckets per edge.
@@ -76,6 +76,7 @@ from shapely.geometry import Polygon
 from fleetstream.domain.cellhash import CellHash
 from fleetstream.domain.geo import EARTH_RADIUS_M, destination
 from fleetstream.domain.geofences import Geofence, GeofenceKind
+from fleetstream.domain.kernels import lookup_pairs, within_many
 from fleetstream.domain.polygrid import PolygonGrids
 
 LOOKUP_RESOLUTION = 11  # points are looked up by their cell at this resolution, and its parents
@@ -318,39 +319,12 @@ class _Shapes:
 
     def within(self, fences: np.ndarray, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
         """Circle and corridor pairs: the point within the radius of the centre / centre line, by chord
-        length and cross-track sine (monotonic in the great-circle distance, so the same answer)."""
-        p = _unit(np.radians(lats), np.radians(lons))
-        ok = np.zeros(len(fences), dtype=bool)
-        kinds = self.kinds[fences]
-        circle = kinds == 1
-        if circle.any():
-            d = p[circle] - self.centre_unit[fences[circle]]
-            ok[circle] = (d * d).sum(axis=1) <= self.chord2[fences[circle]]
-        corridor = np.flatnonzero(kinds == 2)
-        if len(corridor):
-            pair, seg = _expand(self.seg_ptr, np.arange(len(self.segs)), fences[corridor], np.arange(len(corridor)))
-            q, v = p[corridor][pair], self.seg_vectors[seg]  # v: a, b, n, n x a, b x n
-            limit = fences[corridor][pair]
-            ends = q[:, None, :] - v[:, 0:6].reshape(-1, 2, 3)
-            near = ((ends * ends).sum(axis=2) <= self.chord2[limit][:, None]).any(axis=1)
-            dots = (q[:, None, :] * v[:, 6:15].reshape(-1, 3, 3)).sum(axis=2)  # q.n, q.(n x a), q.(b x n)
-            on = (dots[:, 1] >= 0) & (dots[:, 2] >= 0) & ~self.seg_degenerate[seg]
-            hit = near | (on & (np.abs(dots[:, 0]) <= self.sin_r[limit]))
-            ok[corridor] = np.bincount(pair[hit], minlength=len(corridor)) > 0
-        return ok
-
-    def test(self, fences: np.ndarray, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
-        """Exact answer per (fence number, point) pair: covered (polygons), within the radius (others)."""
-        ok = np.zeros(len(fences), dtype=bool)
-        kinds = self.kinds[fences]
-        poly = kinds == 0
-        if poly.any():
-            assert self.grids is not None, "built with exact=True"
-            ok[poly] = self.grids.covers(self.grid_of[fences[poly]], lons[poly], lats[poly])
-        other = ~poly
-        if other.any():
-            ok[other] = self.within(fences[other], lats[other], lons[other])
-        return ok
+        length and cross-track sine (monotonic in the great-circle distance, so the same answer; compiled:
+        ``kernels.within_one``, the test lookups run)."""
+        return within_many(np.ascontiguousarray(fences, dtype=np.int64), self.kinds,
+                           np.ascontiguousarray(lats, dtype=np.float64), np.ascontiguousarray(lons, dtype=np.float64),
+                           self.centre_unit, self.chord2, self.sin_r, self.seg_ptr,
+                           np.ascontiguousarray(self.seg_vectors), self.seg_degenerate)
 
     def distance_m(self, fences: np.ndarray, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
         """Geodesic distance from each point to its circle's centre or corridor's centre line."""
@@ -625,6 +599,12 @@ class GeofenceIndex:
         res = np.unique(cell_resolutions(cells))
         self._resolutions = tuple(int(r) for r in res)
         self._res_column = res.astype(np.uint64)[:, None]
+        shapes = self._shapes
+        grids = shapes.grids.kernel_arrays() if shapes.grids is not None else ()
+        self._kernel_args = (res.astype(np.uint64), self._table.keys, self._table.capacity, self._table.max_probe,
+                             self._ptr, self._values, shapes.kinds, shapes.grid_of, *grids, shapes.centre_unit,
+                             shapes.chord2, shapes.sin_r, shapes.seg_ptr, np.ascontiguousarray(shapes.seg_vectors),
+                             shapes.seg_degenerate)
 
     def __len__(self) -> int:
         return len(self.fences)
@@ -649,20 +629,11 @@ class GeofenceIndex:
         n = len(lats)
         if n == 0 or not self._n_cells:
             return [()] * n
-        lats = np.asarray(lats, dtype=np.float64)
-        lons = np.asarray(lons, dtype=np.float64)
+        lats = np.ascontiguousarray(lats, dtype=np.float64)
+        lons = np.ascontiguousarray(lons, dtype=np.float64)
         if cells is None:
             cells = self.cells_for(lats, lons)
-        cells = np.asarray(cells, dtype=np.uint64)
-        rows = self._table.find(parent_cells(cells[None, :], self._res_column).ravel())
-        found = np.flatnonzero(rows >= 0)
-        points, fences = _expand(self._ptr, self._values, rows[found], found % n)
-        edge = fences < 0
-        if edge.any():
-            bp, bf = points[edge], ~fences[edge]
-            ok = self._shapes.test(bf, lats[bp], lons[bp])
-            points = np.concatenate((points[~edge], bp[ok]))
-            fences = np.concatenate((fences[~edge], bf[ok]))
+        points, fences = lookup_pairs(np.ascontiguousarray(cells, dtype=np.uint64), lats, lons, *self._kernel_args)
         return self._answers.tuples(n, points, fences)
 
     def lookup_one(self, lat: float, lon: float) -> tuple[str, ...]:

@@ -1,8 +1,8 @@
-"""Point-in-polygon for many (point, polygon) pairs at once, in plain numpy: crossing numbers over a few edges.
+"""Point-in-polygon for many (point, polygon) pairs at once: crossing numbers over a few edges per pair.
 
 Why: the index's boundary cells leave a few thousand (point, polygon) pairs per batch of 1,000 fixes to an exact
-test; GEOS (``shapely.intersects_xy``) spends about a microsecond per pair, numpy over whole arrays a small
-fraction of that, provided each pair only looks at a handful of edges.
+test; GEOS (``shapely.intersects_xy``) spends about a microsecond per pair, a compiled loop over each pair's few
+edges a small fraction of that. The grids are built here with numpy; the test per pair is ``kernels.covers_one``.
 
 Design. Each polygon (all rings of all parts, lon/lat planar per RFC 7946) gets a regular grid of buckets over
 its bounding box (grown by a small margin, so no vertex lies on the grid's outer lines); a bucket lists the
@@ -27,6 +27,8 @@ from __future__ import annotations
 import numpy as np
 import shapely
 
+from fleetstream.domain.kernels import covers_many
+
 BUCKETS_PER_EDGE = 2.0  # grid buckets per polygon edge (more: fewer edges per bucket, more memory)
 MAX_SIDE = 256  # buckets along one side of a grid at most
 
@@ -40,8 +42,7 @@ class PolygonGrids:
         rings, ring_part = shapely.get_rings(parts, return_index=True)
         coords, ring_of = shapely.get_coordinates(rings, return_index=True)
         vx, vy = coords[:, 0], coords[:, 1]
-        # x + iy: one gather reads both coordinates (and an edge's two ends usually share a cache line)
-        self.vertices = vx + 1j * vy
+        self.vertices = np.ascontiguousarray(coords[:, :2])  # x, y side by side: an edge's ends share a cache line
         # edge e runs from vertex e to vertex e + 1 of the same ring
         edges = np.flatnonzero(ring_of[1:] == ring_of[:-1])
         edge_fence = part_of[ring_part[ring_of[edges]]]
@@ -148,42 +149,14 @@ class PolygonGrids:
         return status
 
     def covers(self, fences: np.ndarray, lons: np.ndarray, lats: np.ndarray) -> np.ndarray:
-        """Whether polygon ``fences[k]`` contains point k (lon/lat planar; boundary within rounding)."""
-        # one row per grid: x0, y0, dx, dy, nx, ny, base (exact in float64), padded to a cache line of 64 B
-        x0, y0, dx, dy, fnx, fny, fbase, _ = np.take(self._params, fences, axis=0).T
-        nx, ny, base = fnx.astype(np.int64), fny.astype(np.int64), fbase.astype(np.int64)
-        i = np.floor((lons - x0) / dx).astype(np.int64)
-        j = np.floor((lats - y0) / dy).astype(np.int64)
-        valid = (i.view(np.uint64) < nx.view(np.uint64)) & (j.view(np.uint64) < ny.view(np.uint64))
-        bucket = np.where(valid, base + j * nx + i, 0)
-        packed = self.ptr[bucket]
-        inside = (packed & 1).astype(bool) & valid
-        starts = packed >> 1
-        counts = np.where(valid, (self.ptr[bucket + 1] >> 1) - starts, 0)
-        ends = np.cumsum(counts)
-        total = int(ends[-1]) if len(ends) else 0
-        if total == 0:
-            return inside
-        pair = np.repeat(np.arange(len(fences)), counts)
-        e = self.edges[np.arange(total) + np.repeat(starts - ends + counts, counts)]
-        u, v = self.vertices[e], self.vertices[e + 1]
-        x1, y1, x2, y2 = u.real, u.imag, v.real, v.imag
-        px, py = lons[pair], lats[pair]
-        right = (x0 + (i + 1) * dx)[pair]
-        ex, ey, rx, ry = x2 - x1, y2 - y1, px - x1, py - y1
-        with np.errstate(divide="ignore", invalid="ignore"):
-            xint = x1 + ry * ex / ey
-            yint = y1 + (right - x1) * ey / ex
-        flip = ((y1 > py) != (y2 > py)) & (xint > px) & (xint <= right)
-        flip ^= ((x1 > right) != (x2 > right)) & (yint > (y0 + j * dy)[pair]) & (yint <= py)
-        odd = (np.bincount(pair[flip], minlength=len(fences)) & 1).astype(bool)
-        covered = inside ^ odd
-        # covers: a point exactly on an edge is inside (vertices, points on axis-parallel edges: real data
-        # with rounded coordinates meets these; the cross product is then exactly 0)
-        on = (ex * ry == ey * rx) & (rx * (px - x2) <= 0) & (ry * (py - y2) <= 0)
-        if on.any():
-            covered[pair[on]] = True
-        return covered
+        """Whether polygon ``fences[k]`` contains point k (lon/lat planar; boundary within rounding): per pair,
+        the crossing numbers of its bucket's edges (``kernels.covers_one``, compiled)."""
+        return covers_many(np.ascontiguousarray(fences, dtype=np.int64), np.ascontiguousarray(lons, dtype=np.float64),
+                           np.ascontiguousarray(lats, dtype=np.float64), *self.kernel_arrays())
+
+    def kernel_arrays(self) -> tuple[np.ndarray, ...]:
+        """What the compiled tests read: per-grid parameters, bucket pointers, bucket edges, vertex x and y."""
+        return self._params, self.ptr, self.edges, self.vertices
 
     def memory_bytes(self) -> int:
         return sum(a.nbytes for a in (self.vertices, self.edges, self.ptr, self._params, self.x0, self.y0, self.dx,

@@ -10,6 +10,7 @@ import faust
 
 from fleetstream.config import Settings
 from fleetstream.domain.geofences import load_geofences
+from fleetstream.domain.kernels import warm_up
 from fleetstream.streaming.app import create_app
 from fleetstream.streaming.geofence_feed import publish_geofences
 from fleetstream.streaming.topics import ensure_topics
@@ -58,6 +59,7 @@ def run_worker(settings: Settings) -> int:
             loop.run_until_complete(publish_readers(settings, readers))
         if assets is not None:
             loop.run_until_complete(publish_assets(settings, assets))
+    warm_up()  # the geofence lookup's compiled loops: compiled (first run) or loaded before the first batch
     app = create_app(settings)
     level = getattr(logging, settings.log_level.upper())
     worker = _Worker(app, loglevel=settings.log_level, loop=loop, fleetstream_level=level)
