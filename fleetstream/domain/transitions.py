@@ -109,6 +109,39 @@ def step(
     """Advance one device by one accepted fix (the caller drops fixes not newer than ``last``)."""
     if not memberships and not inside and (last is None or not _any_cross(index)):
         return {}, []
+    if len(memberships) == len(inside) and _steady(memberships, inside, index, defaults):
+        return dict(memberships), []
+    return _step(memberships, last, fix, inside, index, defaults)
+
+
+def _steady(memberships: Memberships, inside: tuple[str, ...], index: FenceIndex,
+            defaults: TransitionDefaults) -> bool:
+    """Whether the fix changes nothing: it is inside exactly the geofences the device is confirmed inside, no run
+    is pending, no dwell event is still to come, and no geofence asks for ``cross`` events. The common case of
+    a device staying where it is (inside or outside everything): what ``_step`` would return is then the
+    memberships unchanged and no events, which tests check against ``_step`` itself."""
+    if _any_cross(index):
+        return False
+    for fence_id in inside:
+        member = memberships.get(fence_id)
+        if member is None or not member.inside or member.pending_ms is not None:
+            return False
+        if not member.dwell_done:
+            fence = index.get(fence_id)
+            if fence is None or _rules(defaults, fence).dwell_s > 0:
+                return False
+    return True
+
+
+def _step(
+    memberships: Memberships,
+    last: Position | None,
+    fix: Position,
+    inside: tuple[str, ...],
+    index: FenceIndex,
+    defaults: TransitionDefaults,
+) -> tuple[dict[str, Membership], list[GeofenceEvent]]:
+    """``step`` in full: every geofence the device is in, was in or has a pending run with."""
     events: list[GeofenceEvent] = []
     result: dict[str, Membership] = {}
     now = fix.ts_ms

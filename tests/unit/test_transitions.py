@@ -150,3 +150,47 @@ def test_cross_when_both_fixes_are_outside():
     fixes = [Position("d", 0, *west), Position("d", 10_000, *east)]
     _, events = run(index, fixes)
     assert [(e.type.value, e.geofence_id) for e in events] == [("cross", "gate")]
+
+
+@settings(max_examples=150, deadline=None)
+@given(walks, st.floats(0, 30), st.floats(0, 30), st.floats(0, 100), st.sampled_from([0.0, 20.0]),
+       st.integers(0, 10**6))
+def test_the_steady_shortcut_gives_what_the_full_step_gives(offsets, enter_s, exit_s, buffer_m, dwell_s, seed):
+    """``step`` skips the per-geofence work when a fix changes nothing; ``_step`` always does it. Walked side by
+    side with hysteresis, dwell and inaccurate fixes, a geofence with dwell of its own and one deleted midway,
+    every step's memberships and events agree. Each position is held for two fixes, so the shortcut's case (a
+    device staying inside) comes up all along the walk."""
+    from fleetstream.domain import transitions
+
+    rng = random.Random(seed)
+    fences = [*FENCES[:2], square("c", 500, lat=LAT - 0.003, lon=LON + 0.004, dwell_s=40)]
+    full_index = GeofenceIndex.build(fences)
+    without_b = full_index.with_changes(deletes=["b"])
+    defaults = TransitionDefaults(enter_after_s=enter_s, exit_after_s=exit_s, exit_buffer_m=buffer_m,
+                                  min_accuracy_m=rng.choice([0, 30]), dwell_s=dwell_s)
+    memberships: dict = {}
+    last = None
+    ts = 0
+    stays = [offset for offset in offsets for _ in range(2)] * 2  # the walk twice: devices come back
+    for n, (a, b) in enumerate(stays):
+        index = full_index if n < len(offsets) * 3 else without_b  # b deleted in the last quarter
+        ts += 1000 * rng.randint(1, 20)
+        fix = Position("d", ts, LAT + a, LON + b, accuracy_m=rng.uniform(1, 60))
+        inside = index.lookup_one(fix.lat, fix.lon)
+        expected = transitions._step(memberships, last, fix, inside, index, defaults)
+        got = step(memberships, last, fix, inside, index, defaults)
+        assert got == expected
+        memberships, last = got[0], fix
+
+
+def test_a_device_staying_inside_takes_the_shortcut():
+    from fleetstream.domain import transitions
+
+    fixes = [Position("d", 1000 * i, LAT, LON) for i in range(1, 5)]
+    memberships, events = run(INDEX, fixes)
+    assert [(e.type, e.geofence_id) for e in events] == [(GeofenceEventType.ENTER, "a"), (GeofenceEventType.ENTER, "c")]
+    assert transitions._steady(memberships, ("a", "c"), INDEX, TransitionDefaults())
+    assert not transitions._steady(memberships, ("a", "c"), INDEX, TransitionDefaults(dwell_s=60))  # dwell to come
+    assert not transitions._steady(memberships, ("a", "b"), INDEX, TransitionDefaults())
+    assert not transitions._steady({**memberships, "c": memberships["c"]._replace(pending_ms=1)}, ("a", "c"), INDEX,
+                                   TransitionDefaults())
