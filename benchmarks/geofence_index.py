@@ -6,9 +6,10 @@ measured in the same run; index build time and memory.
 Geofences: polygons of 20-200 vertices and 100 m - 5 km across, log-uniform (80%), circles (15%), corridors (5%), spread
 over a region whose area grows with the count (a metro area at 1,000, a country at 100,000), so the density a
 fix sees stays that of a real deployment. Points: uniform over the same region, looked up in batches of
-1,000 (the worker's batch). Two lookup figures: with the points' H3 cells given (the worker computes them
-anyway for the enriched record) and with the cells computed inside the lookup. Lookup rates and the baseline
-are medians of --runs runs, interleaved so machine noise hits all three alike; the build is timed once.
+1,000 (the worker's batch). Two lookup figures: with the points' H3 cells given (the index alone) and with the
+cells computed inside the lookup (what the worker calls: H3 itself then costs about as much as the index). Lookup rates and the baseline
+are medians of --runs runs, interleaved across sizes and variants so that machine noise hits them alike (all
+indexes are built first); the build is timed once.
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--trace-memory", action="store_true", help="also report the build's peak memory")
     args = parser.parse_args()
-    summary = {}
-    for n in (int(s) for s in args.sizes.split(",")):
+    sizes = [int(s) for s in args.sizes.split(",")]
+    built = {}
+    for n in sizes:  # every index first, so that the lookup runs below interleave the sizes
         fences = make_fences(n)
         started = time.perf_counter()
         index = GeofenceIndex.build(fences)
@@ -119,23 +121,27 @@ def main() -> None:
             traced = f" (build peak {peak / 1e6:.0f} MB)"
         lats, lons = make_points(n, args.points)
         hits = sum(1 for r in index.lookup(lats[:10_000], lons[:10_000]) if r)
-        given, computed, base = [], [], []
-        for _ in range(args.runs):
+        print(f"{n:>7,} geofences: build {build_s:6.1f}s  index memory {index.memory_bytes() / 1e6:7.1f} MB{traced}  "
+              f"resolutions {index.resolutions}  points in a fence {hits / 100:.1f}%", flush=True)
+        built[n] = (fences, index, lats, lons)
+    rates: dict[int, tuple[list[float], list[float], list[float]]] = {n: ([], [], []) for n in sizes}
+    for _ in range(args.runs):  # interleaved, so that machine noise hits every size and variant alike
+        for n, (fences, index, lats, lons) in built.items():
+            given, computed, base = rates[n]
             given.append(index_rate(index, lats, lons, with_cells=True))
             computed.append(index_rate(index, lats, lons, with_cells=False))
             base.append(strtree_baseline(fences, lats[: args.baseline_points], lons[: args.baseline_points]))
+    print(f"\nlookups/s, medians of {args.runs} interleaved runs (batches of 1,000 points):")
+    for n, (given, computed, base) in rates.items():
         g, c, b = statistics.median(given), statistics.median(computed), statistics.median(base)
-        summary[n] = (g, c)
-        print(f"{n:>7,} geofences: build {build_s:6.1f}s  index memory {index.memory_bytes() / 1e6:7.1f} MB{traced}  "
-              f"resolutions {index.resolutions}  points in a fence {hits / 100:.1f}%")
-        print(f"          lookups/s: {g:11,.0f} with cells given, {c:11,.0f} computing cells; "
+        print(f"{n:>7,} geofences: {g:11,.0f} with cells given, {c:11,.0f} computing cells; "
               f"STRtree per point {b:9,.0f} -> {g / b:5.1f}x / {c / b:5.1f}x")
-    if len(summary) > 1:
-        smallest, largest = min(summary), max(summary)
-        given = summary[smallest][0] / summary[largest][0]
-        print(f"\nslowdown {largest:,} vs {smallest:,}: {given:.2f}x (cells given), "
-              f"{summary[smallest][1] / summary[largest][1]:.2f}x (computing cells)")
-
+    if len(sizes) > 1:
+        smallest, largest = min(sizes), max(sizes)
+        for label, k in (("cells given", 0), ("computing cells", 1)):
+            paired = [a / b for a, b in zip(rates[smallest][k], rates[largest][k], strict=True)]
+            print(f"slowdown {largest:,} vs {smallest:,} ({label}): {statistics.median(paired):.2f}x "
+                  f"(median of per-run ratios; runs: {', '.join(f'{r:.2f}' for r in paired)})")
 
 if __name__ == "__main__":
     main()

@@ -236,15 +236,24 @@ def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, resoluti
             fences[count] = values[e]
             count += 1
     # 3. boundary pairs: polygons' buckets first (one read of the grid's parameters each), then their edges
-    bucket = np.full(total, -1, dtype=np.int64)
+    grid = np.full(total, -1, dtype=np.int64)
     for k in range(total):
         v = fences[k]
         if v < 0 and kinds[~v] == 0:
-            bucket[k] = _bucket(grid_of[~v], lons[points[k]], lats[points[k]], params)
+            grid[k] = grid_of[~v]
+    bucket = np.full(total, -1, dtype=np.int64)
+    for k in range(total):
+        if grid[k] >= 0:
+            bucket[k] = _bucket(grid[k], lons[points[k]], lats[points[k]], params)
     first = np.empty(total, dtype=np.int64)
     for k in range(total):
         if bucket[k] >= 0:
             first[k] = gptr[bucket[k]]
+    # the first edge's vertex of every pair, read ahead in a loop of its own (see above); kept so it is not dropped
+    ahead = 0.0
+    for k in range(total):
+        if bucket[k] >= 0 and (first[k] >> 1) < (gptr[bucket[k] + 1] >> 1):
+            ahead += vertices[gedges[first[k] >> 1], 0]
     keep = 0
     for k in range(total):
         v = fences[k]
@@ -252,7 +261,7 @@ def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, resoluti
             f = ~v
             p = points[k]
             if kinds[f] == 0:
-                ok = bucket[k] >= 0 and _crossings(grid_of[f], bucket[k], first[k], gptr[bucket[k] + 1],
+                ok = bucket[k] >= 0 and _crossings(grid[k], bucket[k], first[k], gptr[bucket[k] + 1],
                                                     lons[p], lats[p], params, gedges, vertices)
             else:
                 ok = within_one(f, kinds[f], lats[p], lons[p], centre_unit, chord2, sin_r, seg_ptr, seg_vectors,
@@ -263,6 +272,8 @@ def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, resoluti
         points[keep] = points[k]
         fences[keep] = v
         keep += 1
+    if ahead != ahead:  # never (NaN): only uses the read-ahead sum
+        keep = 0
     return points[:keep], fences[:keep]
 
 
