@@ -19,13 +19,23 @@ LOAD = 0.5  # cells per slot
 
 class CellHash:
     """The slot of each of ``cells`` (distinct, non-zero) in an open-addressing table, -1 for any other cell.
-    Callers index their own per-slot arrays by it (the index: a CSR pointer per slot), so a found key costs
-    one read of the table and one of that array, with no row number in between."""
+    Each slot is a record of two uint64: the key, and a word the caller fills (``payload``; the index: where
+    the slot's fence numbers are, or the only one). A found key's word is then on the key's cache line."""
 
     def __init__(self, keys: np.ndarray, capacity: int, max_probe: int) -> None:
-        self.keys = keys
+        self.records = np.zeros((len(keys), 2), dtype=np.uint64)
+        self.records[:, 0] = keys
         self._capacity = np.uint64(capacity)
         self.max_probe = max_probe
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self.records[:, 0]
+
+    @property
+    def payload(self) -> np.ndarray:
+        """Writable view of every slot's second word."""
+        return self.records[:, 1]
 
     @classmethod
     def build(cls, cells: np.ndarray) -> tuple[CellHash, np.ndarray]:
@@ -52,7 +62,7 @@ class CellHash:
             left[won] = False
             pending, slot = pending[left], slot[left] + 1
             probe += 1
-        table.keys = keys
+        table = cls(keys, int(table._capacity), table.max_probe)
         return table, slot_of
 
     def __len__(self) -> int:
@@ -76,7 +86,8 @@ class CellHash:
     def find(self, cells: np.ndarray) -> np.ndarray:
         """Slot of every cell (-1: absent): linear probing from its hash slot, compiled (``kernels.find_slots``,
         the probe loop GeofenceIndex lookups run)."""
-        return find_slots(self.keys, np.ascontiguousarray(cells, dtype=np.uint64), self._capacity, self.max_probe)
+        return find_slots(self.records, np.ascontiguousarray(cells, dtype=np.uint64), self._capacity,
+                          self.max_probe)
 
     def memory_bytes(self) -> int:
-        return self.keys.nbytes
+        return self.records.nbytes

@@ -76,7 +76,7 @@ from shapely.geometry import Polygon
 from fleetstream.domain.cellhash import CellHash
 from fleetstream.domain.geo import EARTH_RADIUS_M, destination
 from fleetstream.domain.geofences import Geofence, GeofenceKind
-from fleetstream.domain.kernels import lookup_pairs, within_many
+from fleetstream.domain.kernels import SINGLE, lookup_pairs, point_sets, within_many
 from fleetstream.domain.polygrid import PolygonGrids
 
 LOOKUP_RESOLUTION = 11  # points are looked up by their cell at this resolution, and its parents
@@ -574,8 +574,16 @@ class GeofenceIndex:
 
     def _entries(self) -> tuple[np.ndarray, np.ndarray]:
         """Every (cell, fence value) entry of the table (value f: interior, ~f: boundary)."""
-        slots = np.repeat(np.arange(len(self._table)), np.diff(self._ptr))
-        return self._table.keys[slots], self._values
+        keys, word = self._table.keys, self._table.payload
+        single = (word & SINGLE) != 0
+        low = (word & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        starts = (word >> np.uint64(32)).astype(np.int64)
+        counts = np.where(single, 0, low - starts)
+        listed = np.repeat(np.arange(len(keys)), counts)
+        offsets = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+        inline = low[single].astype(np.uint32).view(np.int32)
+        return (np.concatenate((keys[single], keys[listed])),
+                np.concatenate((inline, self._values[offsets])).astype(np.int32))
 
     def cover(self, fence_id: str) -> FenceCover:
         """One geofence's cover, read back from the lookup table."""
@@ -593,16 +601,24 @@ class GeofenceIndex:
         self._table, slot_of = CellHash.build(cells)
         slots = slot_of[rows]
         order = np.lexsort((values, slots))
-        self._values = values[order]
-        self._ptr = np.concatenate(([0], np.cumsum(np.bincount(slots, minlength=len(self._table))))).astype(np.int32)
+        slots, values = slots[order], values[order]
+        # a slot with one fence keeps it in its word; the others point into one array of their values
+        counts = np.bincount(slots, minlength=len(self._table))
+        listed = counts[slots] > 1
+        self._values = values[listed]
+        ptr = np.concatenate(([0], np.cumsum(np.bincount(slots[listed], minlength=len(self._table))))).astype(np.uint64)
+        word = self._table.payload
+        word[:] = (ptr[:-1] << np.uint64(32)) | ptr[1:]
+        alone = ~listed
+        word[slots[alone]] = SINGLE | values[alone].astype(np.int64).astype(np.uint64) & np.uint64(0xFFFFFFFF)
         self._n_cells = len(cells)
         res = np.unique(cell_resolutions(cells))
         self._resolutions = tuple(int(r) for r in res)
         self._res_column = res.astype(np.uint64)[:, None]
         shapes = self._shapes
         grids = shapes.grids.kernel_arrays() if shapes.grids is not None else ()
-        self._kernel_args = (res.astype(np.uint64), self._table.keys, self._table.capacity, self._table.max_probe,
-                             self._ptr, self._values, shapes.kinds, shapes.grid_of, *grids, shapes.centre_unit,
+        self._kernel_args = (res.astype(np.uint64), self._table.records, self._table.capacity,
+                             self._table.max_probe, self._values, shapes.kinds, shapes.grid_of, *grids, shapes.centre_unit,
                              shapes.chord2, shapes.sin_r, shapes.seg_ptr, np.ascontiguousarray(shapes.seg_vectors),
                              shapes.seg_degenerate)
 
@@ -669,7 +685,7 @@ class GeofenceIndex:
         geometries estimated from their coordinates (16 B each plus ~200 B per geometry object), plus ~300 B
         per geofence for records, the id map and the cached 1-tuples. Answer tuples learned at lookup and the
         Geofence objects' own copies of the geometries are not counted."""
-        arrays = sum(a.nbytes for a in (self._ptr, self._values, self._shapes.segs, self._shapes.seg_ptr))
+        arrays = sum(a.nbytes for a in (self._values, self._shapes.segs, self._shapes.seg_ptr))
         arrays += self._table.memory_bytes()
         arrays += self._shapes.grids.memory_bytes() if self._shapes.grids is not None else 0
         geoms = self._shapes.geoms
@@ -705,25 +721,19 @@ class AnswerSets:
         return self._count
 
     def tuples(self, n: int, points: np.ndarray, fences: np.ndarray) -> list[tuple[str, ...]]:
-        """The sorted ids per point, from its (point, fence number) pairs (each pair at most once)."""
+        """The sorted ids per point, from its (point, fence number) pairs (in point order, each at most once)."""
         if self._count > self._limit:  # between batches, so no set number in use goes stale
             self._reset()
-        sets = np.zeros(n, dtype=np.int64)
-        if len(points):
-            single = np.bincount(points, minlength=n)[points] == 1
-            sets[points[single]] = fences[single] + 1
-            if not single.all():
-                points, fences = points[~single], fences[~single]
-                order = np.argsort(points, kind="stable")
-                points, fences = points[order], fences[order]
-                starts = np.flatnonzero(np.concatenate(([True], points[1:] != points[:-1])))
-                first = np.add.reduceat(self._salt[0, fences], starts)
-                second = np.add.reduceat(self._salt[1, fences], starts)
-                sets[points[starts]] = self._numbers(first, second, fences, starts)
+        count, first, start, sum0, sum1 = point_sets(n, points, fences, self._salt)
+        sets = np.where(count == 1, first + 1, 0)
+        several = np.flatnonzero(count > 1)
+        if len(several):
+            sets[several] = self._numbers(sum0[several], sum1[several], fences, start[several], count[several])
         return self._tuples[sets].tolist()
 
-    def _numbers(self, first: np.ndarray, second: np.ndarray, fences: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        """The set number of every group of ``fences`` (groups begin at ``starts``), learning new sets."""
+    def _numbers(self, first: np.ndarray, second: np.ndarray, fences: np.ndarray, starts: np.ndarray,
+                 counts: np.ndarray) -> np.ndarray:
+        """The set number of every group of ``fences`` (``counts`` from ``starts``), learning new sets."""
         pos = np.minimum(np.searchsorted(self._keys, first), max(len(self._keys) - 1, 0))
         if len(self._keys):
             known = (self._keys[pos] == first) & (self._check[pos] == second)
@@ -733,7 +743,7 @@ class AnswerSets:
             result = np.full(len(first), -1, dtype=np.int64)
         if known.all():
             return result
-        ends = np.append(starts[1:], len(fences))
+        ends = starts + counts
         new: dict[tuple[int, int], int] = {}
         for i in np.flatnonzero(~known).tolist():
             key = (int(first[i]), int(second[i]))

@@ -20,6 +20,8 @@ from numba import njit
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _RES_MASK = np.uint64(0xF) << np.uint64(52)
+_LOW32 = np.uint64(0xFFFFFFFF)
+SINGLE = np.uint64(1) << np.uint64(63)  # a slot word holding its slot's only fence value
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -34,11 +36,11 @@ def _slot(cell: np.uint64, capacity: np.uint64) -> np.int64:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _probe(keys: np.ndarray, key: np.uint64, capacity: np.uint64, max_probe: np.int64) -> np.int64:
+def _probe(records: np.ndarray, key: np.uint64, capacity: np.uint64, max_probe: np.int64) -> np.int64:
     """The slot holding ``key`` (linear probing from its hash slot; an empty slot ends the search), or -1."""
     slot = _slot(key, capacity)
     for probe in range(max_probe + 1):
-        held = keys[slot + probe]
+        held = records[slot + probe, 0]
         if held == key:
             return slot + probe
         if held == 0:
@@ -47,11 +49,11 @@ def _probe(keys: np.ndarray, key: np.uint64, capacity: np.uint64, max_probe: np.
 
 
 @njit(cache=True, nogil=True)
-def find_slots(keys: np.ndarray, cells: np.ndarray, capacity: np.uint64, max_probe: np.int64) -> np.ndarray:
+def find_slots(records: np.ndarray, cells: np.ndarray, capacity: np.uint64, max_probe: np.int64) -> np.ndarray:
     """``CellHash.find``: the slot of every cell, -1 where absent."""
     out = np.empty(len(cells), dtype=np.int64)
     for k in range(len(cells)):
-        out[k] = _probe(keys, cells[k], capacity, max_probe)
+        out[k] = _probe(records, cells[k], capacity, max_probe)
     return out
 
 
@@ -179,14 +181,15 @@ def within_many(fences: np.ndarray, kinds: np.ndarray, lats: np.ndarray, lons: n
 
 @njit(cache=True, nogil=True)
 def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, resolutions: np.ndarray,
-                 keys: np.ndarray, capacity: np.uint64, max_probe: np.int64, ptr: np.ndarray, values: np.ndarray,
-                 kinds: np.ndarray, grid_of: np.ndarray, params: np.ndarray, gptr: np.ndarray, gedges: np.ndarray,
+                 records: np.ndarray, capacity: np.uint64, max_probe: np.int64, values: np.ndarray, kinds: np.ndarray, grid_of: np.ndarray, params: np.ndarray, gptr: np.ndarray, gedges: np.ndarray,
                  vertices: np.ndarray, centre_unit: np.ndarray, chord2: np.ndarray, sin_r: np.ndarray,
                  seg_ptr: np.ndarray, seg_vectors: np.ndarray,
                  seg_degenerate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every (point, fence number) pair where the fence covers the point: per point, its cell's parent at each
     resolution of the table is probed (linear probing, as ``CellHash.find``); each fence listed in a found slot
-    is taken as is (interior, value f) or after the exact test (boundary, value ~f).
+    is taken as is (interior, value f) or after the exact test (boundary, value ~f). A slot's second word holds
+    its only fence value (SINGLE set, the value's 32 bits below) or where its list is in ``values`` (start << 32
+    | end).
 
     In phases over the whole batch, each a loop of independent reads (hash slots, then fence lists, then the
     polygons' buckets, then their edges): the tables are larger than the CPU caches, and a loop whose
@@ -204,34 +207,41 @@ def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, resoluti
             wanted[p * n_res + r] = key
             slots[p * n_res + r] = _slot(key, capacity)
     held = np.empty(probes, dtype=np.uint64)
+    words = np.empty(probes, dtype=np.uint64)
     for k in range(probes):
-        held[k] = keys[slots[k]]
-    # 2. found slots -> their fence lists
-    found = np.empty(probes, dtype=np.int64)
+        held[k] = records[slots[k], 0]
+        words[k] = records[slots[k], 1]  # the same cache line
+    # 2. found slots -> their fence values
+    found_word = np.empty(probes, dtype=np.uint64)
     found_point = np.empty(probes, dtype=np.int64)
     m = 0
-    for k in range(probes):
-        slot = -1
-        if held[k] == wanted[k]:
-            slot = slots[k]
-        elif held[k] != 0:
-            slot = _probe(keys, wanted[k], capacity, max_probe)
-        if slot >= 0:
-            found[m] = slot
-            found_point[m] = k // n_res
-            m += 1
-    starts = np.empty(m, dtype=np.int64)
-    ends = np.empty(m, dtype=np.int64)
     total = 0
-    for k in range(m):
-        starts[k] = ptr[found[k]]
-        ends[k] = ptr[found[k] + 1]
-        total += ends[k] - starts[k]
+    for k in range(probes):
+        if held[k] == wanted[k]:
+            word = words[k]
+        elif held[k] != 0:
+            slot = _probe(records, wanted[k], capacity, max_probe)
+            if slot < 0:
+                continue
+            word = records[slot, 1]
+        else:
+            continue
+        found_word[m] = word
+        found_point[m] = k // n_res
+        m += 1
+        total += 1 if word & SINGLE else np.int64(word & _LOW32) - np.int64(word >> np.uint64(32))
     points = np.empty(total, dtype=np.int64)
     fences = np.empty(total, dtype=np.int64)
     count = 0
     for k in range(m):
-        for e in range(starts[k], ends[k]):
+        word = found_word[k]
+        if word & SINGLE:
+            v = np.int64(word & _LOW32)
+            points[count] = found_point[k]
+            fences[count] = v - (np.int64(1) << 32) if v >= np.int64(1) << 31 else v
+            count += 1
+            continue
+        for e in range(np.int64(word >> np.uint64(32)), np.int64(word & _LOW32)):
             points[count] = found_point[k]
             fences[count] = values[e]
             count += 1
@@ -275,6 +285,28 @@ def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, resoluti
     if ahead != ahead:  # never (NaN): only uses the read-ahead sum
         keep = 0
     return points[:keep], fences[:keep]
+
+
+@njit(cache=True, nogil=True)
+def point_sets(n: np.int64, points: np.ndarray, fences: np.ndarray, salt: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per point of (point, fence) pairs given in point order: how many fences, the first one, where its pairs
+    start, and the two salted sums that name its set (``AnswerSets``; sums wrap mod 2**64)."""
+    count = np.zeros(n, dtype=np.int64)
+    first = np.zeros(n, dtype=np.int64)
+    start = np.zeros(n, dtype=np.int64)
+    sum0 = np.zeros(n, dtype=np.uint64)
+    sum1 = np.zeros(n, dtype=np.uint64)
+    for k in range(len(points)):
+        p = points[k]
+        f = fences[k]
+        if count[p] == 0:
+            first[p] = f
+            start[p] = k
+        count[p] += 1
+        sum0[p] += salt[0, f]
+        sum1[p] += salt[1, f]
+    return count, first, start, sum0, sum1
 
 
 def warm_up() -> None:
