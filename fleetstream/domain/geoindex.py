@@ -614,13 +614,12 @@ class GeofenceIndex:
         self._n_cells = len(cells)
         res = np.unique(cell_resolutions(cells))
         self._resolutions = tuple(int(r) for r in res)
-        self._res_column = res.astype(np.uint64)[:, None]
         shapes = self._shapes
         grids = shapes.grids.kernel_arrays() if shapes.grids is not None else ()
         self._kernel_args = (res.astype(np.uint64), self._table.records, self._table.capacity,
-                             self._table.max_probe, self._values, shapes.kinds, shapes.grid_of, *grids, shapes.centre_unit,
-                             shapes.chord2, shapes.sin_r, shapes.seg_ptr, np.ascontiguousarray(shapes.seg_vectors),
-                             shapes.seg_degenerate)
+                             self._table.max_probe, self._values, shapes.kinds, shapes.grid_of, *grids,
+                             shapes.centre_unit, shapes.chord2, shapes.sin_r, shapes.seg_ptr,
+                             np.ascontiguousarray(shapes.seg_vectors), shapes.seg_degenerate)
 
     def __len__(self) -> int:
         return len(self.fences)

@@ -161,9 +161,9 @@ def within_one(f: np.int64, kind: np.int8, lat: float, lon: float, centre_unit: 
                 return True
         if seg_degenerate[s]:
             continue
-        if qx * v[9] + qy * v[10] + qz * v[11] >= 0 and qx * v[12] + qy * v[13] + qz * v[14] >= 0:
-            if abs(qx * v[6] + qy * v[7] + qz * v[8]) <= sin_r[f]:
-                return True
+        beside = qx * v[9] + qy * v[10] + qz * v[11] >= 0 and qx * v[12] + qy * v[13] + qz * v[14] >= 0
+        if beside and abs(qx * v[6] + qy * v[7] + qz * v[8]) <= sin_r[f]:
+            return True
     return False
 
 
@@ -181,7 +181,8 @@ def within_many(fences: np.ndarray, kinds: np.ndarray, lats: np.ndarray, lons: n
 
 @njit(cache=True, nogil=True)
 def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, resolutions: np.ndarray,
-                 records: np.ndarray, capacity: np.uint64, max_probe: np.int64, values: np.ndarray, kinds: np.ndarray, grid_of: np.ndarray, params: np.ndarray, gptr: np.ndarray, gedges: np.ndarray,
+                 records: np.ndarray, capacity: np.uint64, max_probe: np.int64, values: np.ndarray,
+                 kinds: np.ndarray, grid_of: np.ndarray, params: np.ndarray, gptr: np.ndarray, gedges: np.ndarray,
                  vertices: np.ndarray, centre_unit: np.ndarray, chord2: np.ndarray, sin_r: np.ndarray,
                  seg_ptr: np.ndarray, seg_vectors: np.ndarray,
                  seg_degenerate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
