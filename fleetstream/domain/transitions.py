@@ -118,19 +118,38 @@ def _steady(memberships: Memberships, inside: tuple[str, ...], index: FenceIndex
             defaults: TransitionDefaults) -> bool:
     """Whether the fix changes nothing: it is inside exactly the geofences the device is confirmed inside, no run
     is pending, no dwell event is still to come, and no geofence asks for ``cross`` events. The common case of
-    a device staying where it is (inside or outside everything): what ``_step`` would return is then the
-    memberships unchanged and no events, which tests check against ``_step`` itself."""
+    a device staying where it is: what ``_step`` would return is then the memberships unchanged and no events,
+    which tests check against ``_step`` itself."""
     if _any_cross(index):
         return False
     for fence_id in inside:
         member = memberships.get(fence_id)
-        if member is None or not member.inside or member.pending_ms is not None:
+        if member is None or not _settled(fence_id, member, index, defaults):
             return False
-        if not member.dwell_done:
-            fence = index.get(fence_id)
-            if fence is None or _rules(defaults, fence).dwell_s > 0:
-                return False
     return True
+
+
+def steady_inside(memberships: Memberships, index: FenceIndex,
+                  defaults: TransitionDefaults = TransitionDefaults()) -> tuple[str, ...] | None:
+    """The index answer (sorted ids) for which ``step`` would leave these memberships as they are and emit
+    nothing, or None when every answer may change something (a pending run, a dwell to come, cross events).
+    Callers may remember it per device and skip ``step`` while the answer and the index stay the same."""
+    if not memberships or _any_cross(index):
+        return None
+    for fence_id, member in memberships.items():
+        if not _settled(fence_id, member, index, defaults):
+            return None
+    return tuple(sorted(memberships))
+
+
+def _settled(fence_id: str, member: Membership, index: FenceIndex, defaults: TransitionDefaults) -> bool:
+    """Confirmed inside, no run pending, and no dwell event still to come."""
+    if not member.inside or member.pending_ms is not None:
+        return False
+    if member.dwell_done:
+        return True
+    fence = index.get(fence_id)
+    return fence is not None and _rules(defaults, fence).dwell_s <= 0
 
 
 def _step(

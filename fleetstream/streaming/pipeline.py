@@ -35,13 +35,18 @@ from fleetstream.domain.signals import DeviceSignals
 from fleetstream.domain.tracking import Enrichment, TrackingConfig, filtered_enrichment, step_position
 from fleetstream.domain.transitions import (
     GeofenceEvent,
+    Membership,
     TransitionDefaults,
     memberships_from_json,
+    steady_inside,
 )
 from fleetstream.domain.transitions import step as transition_step
 from fleetstream.domain.trips import TrackEvent
 from fleetstream.streaming.aggregates import Aggregation, BatchRows
 from fleetstream.streaming.output import OutRecord
+
+
+SETTLED_DEVICES_LIMIT = 1_000_000  # devices remembered as settled inside geofences (then forgotten at once)
 
 
 class InRecord(NamedTuple):
@@ -211,6 +216,8 @@ class PositionPipeline:
             trips=settings.trips_enabled, filters=self.filters,
         )
         self.publish_filtered = settings.filtered_output == "publish"
+        # device -> (index, memberships, answer) of devices settled inside geofences (see _transitions)
+        self._settled: dict[str, tuple[GeofenceIndex, dict[str, Membership], tuple[str, ...]]] = {}
         self.transition_defaults = TransitionDefaults(
             dwell_s=settings.geofence_dwell_s, enter_after_s=settings.geofence_enter_after_s,
             exit_after_s=settings.geofence_exit_after_s, exit_buffer_m=settings.geofence_exit_buffer_m,
@@ -537,11 +544,30 @@ class PositionPipeline:
         self, out: BatchOutput, record: InRecord, previous: DeviceState | None, state: DeviceState, fix: Position,
         fences: tuple[str, ...], index: GeofenceIndex | None, events_topic: str,
     ) -> tuple[DeviceState, list[GeofenceEvent]]:
-        """Geofence enter/exit/dwell/cross for one accepted fix; events go out keyed by device."""
-        memberships = memberships_from_json(previous.fences if previous is not None else None)
+        """Geofence enter/exit/dwell/cross for one accepted fix; events go out keyed by device.
+
+        Most fixes change nothing: a device outside every geofence, or one that ``steady_inside`` found settled
+        inside the same geofences at its last step (same index, same memberships object, same answer) keeps
+        its memberships (``state`` carries them over from ``previous``) without a call to ``step``."""
+        index = index or _NO_GEOFENCES
+        memberships = previous.fences if previous is not None else None
+        if memberships is None:
+            if not fences and (previous is None or not index.has_cross):
+                return state, []
+        else:
+            settled = self._settled.get(fix.device_id)
+            if settled is not None and settled[0] is index and settled[1] is memberships and settled[2] == fences:
+                return state, []
         new_memberships, events = transition_step(
-            memberships, previous, fix, fences, index or _NO_GEOFENCES, self.transition_defaults  # type: ignore[arg-type]
+            memberships_from_json(memberships), previous, fix, fences, index, self.transition_defaults
         )
+        inside = steady_inside(new_memberships, index, self.transition_defaults) if new_memberships else None
+        if inside is not None:
+            if len(self._settled) >= SETTLED_DEVICES_LIMIT:
+                self._settled.clear()
+            self._settled[fix.device_id] = (index, new_memberships, inside)
+        else:
+            self._settled.pop(fix.device_id, None)
         partition = record.partition if self.copartitioned else None
         for event in events:
             out.transitions[event.type.value] += 1
