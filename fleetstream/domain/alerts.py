@@ -1158,7 +1158,11 @@ class AlertEngine:
         """A run of one device's accepted fixes ``(ts_ms, values, geofences, geofence_events)``, in order: the
         same states and alerts as calling :meth:`on_position` for each, cheaper. Most fixes change nothing but
         the time last seen (every value inside its watch interval, same geofences, no events, no deadline due):
-        those only move two locals, and one state is built at the end instead of one per fix."""
+        those only move two locals, and one state is built at the end instead of one per fix.
+
+        That includes a device with an offline alert raised *after* the fix's time (the timer runs on the wall
+        clock, so a backlog being caught up looks offline): such a fix does not clear the alert, so it is quiet
+        too, and ``offline`` passes through unchanged."""
         alerts: list[Alert] = []
         plan = self._plans.get(device_id) or self._plan(device_id)
         key = self.key
@@ -1166,15 +1170,20 @@ class AlertEngine:
         dirty = False  # last_seen/motion moved on from ``state``'s
         for item in fixes:
             ts_ms, values, geofences, events = item
-            if state is not None and not (events and plan.fences) and state.offline is None \
-                    and state.ruleset_key == key:
-                watch = state.watch
-                if watch is not None and watch[3] is plan and geofences == watch[0]:
+            if state is not None and not (events and plan.fences) and state.ruleset_key == key:
+                offline = state.offline
+                if offline is not None and ts_ms >= min(offline.values()):
+                    pass  # this fix clears an offline alert: the full path
+                elif (watch := state.watch) is not None and watch[3] is plan and geofences == watch[0]:
                     if not dirty:
                         last_seen, motion = state.last_seen_ms, state.motion
                     rules_due = state.rules_due_ms
-                    due = rules_due if last_seen is None or not plan.offline else \
-                        _min(rules_due, last_seen + plan.min_offline_ms)  # type: ignore[operator]
+                    if last_seen is None or not plan.offline:
+                        due = rules_due
+                    elif offline is None:
+                        due = _min(rules_due, last_seen + plan.min_offline_ms)  # type: ignore[operator]
+                    else:
+                        due = _min(rules_due, self._offline_due(plan, last_seen, offline))
                     if due is None or due > ts_ms:
                         get = values.get
                         for name, lo, hi, _, _, _, _ in watch[2]:
@@ -1200,15 +1209,17 @@ class AlertEngine:
 
     def _moved_on(self, state: DeviceAlertState, plan: _Plan, last_seen: int | None, motion: Any
                   ) -> DeviceAlertState | None:
-        """``state`` with a new time last seen and motion (what :meth:`on_position`'s common case returns)."""
-        if state.rules is None and last_seen is None and motion is None:
+        """``state`` with a new time last seen and motion (what :meth:`on_position` returns for a quiet fix; its
+        offline alerts, if any, were raised after the fixes and stay)."""
+        offline = state.offline
+        if state.rules is None and offline is None and last_seen is None and motion is None:
             return None
         if last_seen == state.last_seen_ms and motion == state.motion:
             return state
         rules_due = state.rules_due_ms
-        offline_due = last_seen + plan.min_offline_ms if plan.offline and last_seen is not None else None  # type: ignore[operator]
+        offline_due = self._offline_due(plan, last_seen, offline)
         return _new_state(DeviceAlertState, (self.key, last_seen, _min(rules_due, offline_due), rules_due,
-                                             state.rules, None, motion, state.watch))
+                                             state.rules, offline, motion, state.watch))
 
     def on_telemetry(self, state: DeviceAlertState | None, device_id: str, ts_ms: int, metrics: Mapping[str, float]
                      ) -> tuple[DeviceAlertState | None, list[Alert]]:
