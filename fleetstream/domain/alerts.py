@@ -1166,42 +1166,55 @@ class AlertEngine:
         alerts: list[Alert] = []
         plan = self._plans.get(device_id) or self._plan(device_id)
         key = self.key
+        fence_rules = bool(plan.fences)
+        offline_rules = bool(plan.offline)
+        needs_motion = plan.needs_motion
         last_seen = motion = None
         dirty = False  # last_seen/motion moved on from ``state``'s
-        for item in fixes:
-            ts_ms, values, geofences, events = item
-            if state is not None and not (events and plan.fences) and state.ruleset_key == key:
-                offline = state.offline
-                if offline is not None and ts_ms >= min(offline.values()):
-                    pass  # this fix clears an offline alert: the full path
-                elif (watch := state.watch) is not None and watch[3] is plan and geofences == watch[0]:
-                    if not dirty:
+        described: DeviceAlertState | None | bool = False  # the state the quiet test below was set up for
+        quiet_ok = False
+        fences_seen: tuple[str, ...] | None = None
+        bounds: tuple[WatchEntry, ...] = ()
+        held_until = rules_due = offline_after = None
+        for ts_ms, values, geofences, events in fixes:
+            if described is not state:  # once per state, not per fix: what a quiet fix must stay within
+                described = state
+                quiet_ok = False
+                if state is not None and state.ruleset_key == key:
+                    watch = state.watch
+                    if watch is not None and watch[3] is plan:
+                        quiet_ok = True
+                        fences_seen, bounds = watch[0], watch[2]
+                        offline = state.offline
+                        # a fix at or after an offline alert's raise clears it: the full path
+                        held_until = min(offline.values()) if offline else None
+                        rules_due = state.rules_due_ms
+                        # the offline deadline is last_seen + this (None: no offline rule left to raise)
+                        offline_after = None if not offline_rules else plan.min_offline_ms if offline is None \
+                            else next((m.after_ms for m in plan.offline if m.rid not in offline), None)
                         last_seen, motion = state.last_seen_ms, state.motion
-                    rules_due = state.rules_due_ms
-                    if last_seen is None or not plan.offline:
-                        due = rules_due
-                    elif offline is None:
-                        due = _min(rules_due, last_seen + plan.min_offline_ms)  # type: ignore[operator]
-                    else:
-                        due = _min(rules_due, self._offline_due(plan, last_seen, offline))
-                    if due is None or due > ts_ms:
-                        get = values.get
-                        for name, lo, hi, _, _, _, _ in watch[2]:
-                            v = get(name)
-                            if v is not None and not lo <= v <= hi:
-                                break
-                        else:  # quiet: only the time last seen and the motion move on
-                            if not plan.offline:
-                                last_seen = None
-                            elif last_seen is None or ts_ms > last_seen:
-                                last_seen = ts_ms
-                            motion = get("motion") if plan.needs_motion else None
-                            dirty = True
-                            continue
+            if quiet_ok and geofences == fences_seen and not (events and fence_rules) \
+                    and (held_until is None or ts_ms < held_until) \
+                    and (rules_due is None or rules_due > ts_ms) \
+                    and (offline_after is None or last_seen is None or last_seen + offline_after > ts_ms):
+                get = values.get
+                for name, lo, hi, _, _, _, _ in bounds:
+                    v = get(name)
+                    if v is not None and not lo <= v <= hi:
+                        break
+                else:  # quiet: only the time last seen and the motion move on
+                    if not offline_rules:
+                        last_seen = None
+                    elif last_seen is None or ts_ms > last_seen:
+                        last_seen = ts_ms
+                    motion = get("motion") if needs_motion else None
+                    dirty = True
+                    continue
             if dirty:
                 state = self._moved_on(state, plan, last_seen, motion)  # type: ignore[arg-type]
                 dirty = False
             state, new = self.on_position(state, device_id, ts_ms, values, geofences, events)
+            described = False
             alerts.extend(new)
         if dirty:
             state = self._moved_on(state, plan, last_seen, motion)  # type: ignore[arg-type]
