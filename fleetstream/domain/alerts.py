@@ -149,8 +149,15 @@ _STATE_TYPES: dict[str, type] = {"cond": CondState, "idle": IdleState, "rate": R
 _TAGS = {cls: tag for tag, cls in _STATE_TYPES.items()}
 
 
+# states whose fields are all scalars: encoded without walking them (one per rule and device on every write)
+_FLAT = frozenset({CondState, IdleState, MaintState})
+
+
 def _encode_rule_state(rs: NamedTuple) -> list[Any]:
-    return [_TAGS[type(rs)], *(_plain(v) for v in rs)]
+    cls = type(rs)
+    if cls in _FLAT:
+        return [_TAGS[cls], *rs]
+    return [_TAGS[cls], *(_plain(v) for v in rs)]
 
 
 def _plain(value: Any) -> Any:

@@ -889,3 +889,25 @@ def test_a_quiet_run_of_fixes_builds_one_state_and_moves_last_seen_to_its_newest
     assert after.due_ms == run[-1][0] + 10 * M
     fast, alerts = engine.on_positions(after, "van-1", [(run[-1][0] + 1_000, {"speed_kmh": 130.0}, (), ())])
     assert fast.last_seen_ms == run[-1][0] + 1_000 and fast.rules  # the overspeed run started
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**53, 2**53), st.floats(allow_nan=False),
+                     st.text(max_size=5))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(alerts_module._FLAT, key=lambda cls: cls.__name__)), st.data())
+def test_flat_rule_states_encode_as_the_general_walk_does(cls, data):
+    """The encoder's shortcut for all-scalar states gives what walking every field gives, and reads back."""
+    rs = cls(*(data.draw(_scalars) for _ in cls._fields))
+    general = [alerts_module._TAGS[cls], *(alerts_module._plain(v) for v in rs)]
+    assert alerts_module._encode_rule_state(rs) == general
+    assert orjson.dumps(alerts_module._encode_rule_state(rs)) == orjson.dumps(general)
+
+
+def test_the_flat_rule_states_declare_no_tuple_fields():
+    """The shortcut is only right while these states hold scalars: a tuple field must take the general walk."""
+    for cls in alerts_module._FLAT:
+        assert not any("tuple" in str(hint) for hint in cls.__annotations__.values()), cls
+    for cls in set(alerts_module._STATE_TYPES.values()) - alerts_module._FLAT:
+        assert any("tuple" in str(hint) for hint in cls.__annotations__.values()), cls
