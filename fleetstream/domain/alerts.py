@@ -1178,7 +1178,7 @@ class AlertEngine:
         needs_motion = plan.needs_motion
         last_seen = motion = None
         dirty = False  # last_seen/motion moved on from ``state``'s
-        described: DeviceAlertState | None | bool = False  # the state the quiet test below was set up for
+        described: DeviceAlertState | bool | None = False  # the state the quiet test below was set up for
         quiet_ok = False
         fences_seen: tuple[str, ...] | None = None
         bounds: tuple[WatchEntry, ...] = ()

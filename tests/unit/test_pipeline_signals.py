@@ -79,7 +79,7 @@ def run(records: list[InRecord], batch: int, tick_every: int, mirror: bool) -> t
             signals[key] = value
         if mirror:
             pipeline.signals_applied(out.new_signals)
-        for device_id, (partition, signal) in out.new_signals.items():
+        for device_id, (partition, _) in out.new_signals.items():
             due[device_id] = partition
 
     for n, i in enumerate(range(0, len(records), batch)):
