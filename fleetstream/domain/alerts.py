@@ -149,8 +149,15 @@ _STATE_TYPES: dict[str, type] = {"cond": CondState, "idle": IdleState, "rate": R
 _TAGS = {cls: tag for tag, cls in _STATE_TYPES.items()}
 
 
+# states whose fields are all scalars: encoded without walking them (one per rule and device on every write)
+_FLAT = frozenset({CondState, IdleState, MaintState})
+
+
 def _encode_rule_state(rs: NamedTuple) -> list[Any]:
-    return [_TAGS[type(rs)], *(_plain(v) for v in rs)]
+    cls = type(rs)
+    if cls in _FLAT:
+        return [_TAGS[cls], *rs]
+    return [_TAGS[cls], *(_plain(v) for v in rs)]
 
 
 def _plain(value: Any) -> Any:
@@ -1158,41 +1165,63 @@ class AlertEngine:
         """A run of one device's accepted fixes ``(ts_ms, values, geofences, geofence_events)``, in order: the
         same states and alerts as calling :meth:`on_position` for each, cheaper. Most fixes change nothing but
         the time last seen (every value inside its watch interval, same geofences, no events, no deadline due):
-        those only move two locals, and one state is built at the end instead of one per fix."""
+        those only move two locals, and one state is built at the end instead of one per fix.
+
+        That includes a device with an offline alert raised *after* the fix's time (the timer runs on the wall
+        clock, so a backlog being caught up looks offline): such a fix does not clear the alert, so it is quiet
+        too, and ``offline`` passes through unchanged."""
         alerts: list[Alert] = []
         plan = self._plans.get(device_id) or self._plan(device_id)
         key = self.key
+        fence_rules = bool(plan.fences)
+        offline_rules = bool(plan.offline)
+        needs_motion = plan.needs_motion
         last_seen = motion = None
         dirty = False  # last_seen/motion moved on from ``state``'s
-        for item in fixes:
-            ts_ms, values, geofences, events = item
-            if state is not None and not (events and plan.fences) and state.offline is None \
-                    and state.ruleset_key == key:
-                watch = state.watch
-                if watch is not None and watch[3] is plan and geofences == watch[0]:
-                    if not dirty:
+        described: DeviceAlertState | bool | None = False  # the state the quiet test below was set up for
+        quiet_ok = False
+        fences_seen: tuple[str, ...] | None = None
+        bounds: tuple[WatchEntry, ...] = ()
+        held_until = rules_due = offline_after = None
+        for ts_ms, values, geofences, events in fixes:
+            if described is not state:  # once per state, not per fix: what a quiet fix must stay within
+                described = state
+                quiet_ok = False
+                if state is not None and state.ruleset_key == key:
+                    watch = state.watch
+                    if watch is not None and watch[3] is plan:
+                        quiet_ok = True
+                        fences_seen, bounds = watch[0], watch[2]
+                        offline = state.offline
+                        # a fix at or after an offline alert's raise clears it: the full path
+                        held_until = min(offline.values()) if offline else None
+                        rules_due = state.rules_due_ms
+                        # the offline deadline is last_seen + this (None: no offline rule left to raise)
+                        offline_after = None if not offline_rules else plan.min_offline_ms if offline is None \
+                            else next((m.after_ms for m in plan.offline if m.rid not in offline), None)
                         last_seen, motion = state.last_seen_ms, state.motion
-                    rules_due = state.rules_due_ms
-                    due = rules_due if last_seen is None or not plan.offline else \
-                        _min(rules_due, last_seen + plan.min_offline_ms)  # type: ignore[operator]
-                    if due is None or due > ts_ms:
-                        get = values.get
-                        for name, lo, hi, _, _, _, _ in watch[2]:
-                            v = get(name)
-                            if v is not None and not lo <= v <= hi:
-                                break
-                        else:  # quiet: only the time last seen and the motion move on
-                            if not plan.offline:
-                                last_seen = None
-                            elif last_seen is None or ts_ms > last_seen:
-                                last_seen = ts_ms
-                            motion = get("motion") if plan.needs_motion else None
-                            dirty = True
-                            continue
+            if quiet_ok and geofences == fences_seen and not (events and fence_rules) \
+                    and (held_until is None or ts_ms < held_until) \
+                    and (rules_due is None or rules_due > ts_ms) \
+                    and (offline_after is None or last_seen is None or last_seen + offline_after > ts_ms):
+                get = values.get
+                for name, lo, hi, _, _, _, _ in bounds:
+                    v = get(name)
+                    if v is not None and not lo <= v <= hi:
+                        break
+                else:  # quiet: only the time last seen and the motion move on
+                    if not offline_rules:
+                        last_seen = None
+                    elif last_seen is None or ts_ms > last_seen:
+                        last_seen = ts_ms
+                    motion = get("motion") if needs_motion else None
+                    dirty = True
+                    continue
             if dirty:
                 state = self._moved_on(state, plan, last_seen, motion)  # type: ignore[arg-type]
                 dirty = False
             state, new = self.on_position(state, device_id, ts_ms, values, geofences, events)
+            described = False
             alerts.extend(new)
         if dirty:
             state = self._moved_on(state, plan, last_seen, motion)  # type: ignore[arg-type]
@@ -1200,15 +1229,17 @@ class AlertEngine:
 
     def _moved_on(self, state: DeviceAlertState, plan: _Plan, last_seen: int | None, motion: Any
                   ) -> DeviceAlertState | None:
-        """``state`` with a new time last seen and motion (what :meth:`on_position`'s common case returns)."""
-        if state.rules is None and last_seen is None and motion is None:
+        """``state`` with a new time last seen and motion (what :meth:`on_position` returns for a quiet fix; its
+        offline alerts, if any, were raised after the fixes and stay)."""
+        offline = state.offline
+        if state.rules is None and offline is None and last_seen is None and motion is None:
             return None
         if last_seen == state.last_seen_ms and motion == state.motion:
             return state
         rules_due = state.rules_due_ms
-        offline_due = last_seen + plan.min_offline_ms if plan.offline and last_seen is not None else None  # type: ignore[operator]
+        offline_due = self._offline_due(plan, last_seen, offline)
         return _new_state(DeviceAlertState, (self.key, last_seen, _min(rules_due, offline_due), rules_due,
-                                             state.rules, None, motion, state.watch))
+                                             state.rules, offline, motion, state.watch))
 
     def on_telemetry(self, state: DeviceAlertState | None, device_id: str, ts_ms: int, metrics: Mapping[str, float]
                      ) -> tuple[DeviceAlertState | None, list[Alert]]:

@@ -342,6 +342,8 @@ class PositionWorker:
                 output.signal_writes,
                 {partition: found for (topic, partition), found in offsets.items() if topic == signals_changelog},
             )
+            if self.pipeline is not None:
+                self.pipeline.signals_applied(output.new_signals)
         if self.aggregate_tables is not None:
             for writes, table_state in zip((output.agg_writes, output.cell_writes), self.aggregate_tables,
                                            strict=True):
@@ -386,6 +388,8 @@ class PositionWorker:
         )
         self._deadlines.clear()
         self._deadlines_stale = True
+        if self.pipeline is not None:
+            self.pipeline.forget_applied_signals()
         if self.aggregation is not None:
             self.aggregation.reset()
 

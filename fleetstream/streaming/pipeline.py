@@ -201,6 +201,8 @@ class PositionPipeline:
         self.geofences = geofences
         self.clock_ms = clock_ms
         self.stats = stats or PipelineStats()
+        # device -> the signals its store holds, as decoded objects (see signals_applied)
+        self.applied_signals: dict[str, DeviceSignals] = {}
         self.filters = FilterConfig(
             reject_null_island=settings.filter_null_island, max_future_s=settings.filter_max_future_s,
             max_age_s=settings.filter_max_age_s, max_accuracy_m=settings.max_accuracy_m,
@@ -331,6 +333,22 @@ class PositionPipeline:
             value = dumps(signal.to_json())
             out.signal_writes.append((partition, key, value))
             out.records.append(OutRecord(self.signals_changelog_topic, key, value, partition))
+
+    MAX_APPLIED_SIGNALS = 200_000  # beyond this many devices the mirror starts over (reads fall back to the store)
+
+    def signals_applied(self, new_signals: Mapping[str, tuple[int, DeviceSignals]]) -> None:
+        """The owner applied these signals to the store (their changelog is acknowledged): keep the objects, so
+        the device's next batch neither decodes its alert state nor rebuilds the engine's watch intervals for it
+        (per device and batch, that was most of what the rules cost beyond the engine itself)."""
+        applied = self.applied_signals
+        if len(applied) + len(new_signals) > self.MAX_APPLIED_SIGNALS:
+            applied.clear()
+        for device_id, (_, signals) in new_signals.items():
+            applied[device_id] = signals
+
+    def forget_applied_signals(self) -> None:
+        """Partitions moved (the store is being recovered from the changelog): read it again."""
+        self.applied_signals.clear()
 
     def _write_states(self, out: BatchOutput) -> None:
         for device_id, (partition, state) in out.new_states.items():
@@ -609,6 +627,7 @@ class _SignalsCursor:
                  pending: Mapping[str, tuple[int, DeviceSignals]], engine: AlertEngine | None = None) -> None:
         self.pipeline = pipeline
         self.reader = pipeline.signals
+        self.applied = pipeline.applied_signals
         self.out = out
         self.new = out.new_signals
         self.pending = pending
@@ -651,6 +670,9 @@ class _SignalsCursor:
         return signals
 
     def _stored(self, partition: int, device_id: str) -> DeviceSignals | None:
+        applied = self.applied.get(device_id)
+        if applied is not None:  # what the store holds, not decoded again
+            return applied
         if self.reader is None:
             return None
         raw = self.reader.get(partition, device_id.encode())

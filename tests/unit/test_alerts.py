@@ -701,8 +701,9 @@ steps_strategy = st.lists(st.one_of(fix_step, tele_step, tick_step), min_size=1,
 EVENING = local_ms(19)  # random sequences start at 19:00 local, so they cross 21:00, 22:00 and 06:00
 
 
-def play(engine, steps, start=EVENING, roundtrip=False, ticks=True, calm=False):
-    """Feed a step list to one device; fence events follow the changes of the fence set."""
+def play(engine, steps, start=EVENING, roundtrip=False, ticks=True, calm=False, tick_ahead_s=0):
+    """Feed a step list to one device; fence events follow the changes of the fence set. ``tick_ahead_s``: the
+    timer runs that far ahead of the fixes' times (a backlog caught up: the worker's timer reads the wall clock)."""
     d = Device(engine, "truck-1", roundtrip=roundtrip)
     t, inside, odometer = start, set(), 0.0
     for step in steps:
@@ -718,7 +719,7 @@ def play(engine, steps, start=EVENING, roundtrip=False, ticks=True, calm=False):
             if step[2]:
                 d.tele(t, **step[2])
         elif ticks:
-            d.tick(t)
+            d.tick(t + tick_ahead_s * 1000)
     if calm:  # every condition ends: parked in the depot, engine off, readings normal and steady
         events = [FenceEvent("exit", f, t + 1000) for f in sorted(inside - {"depot"})]
         if "depot" not in inside:
@@ -798,7 +799,7 @@ def test_the_precomputed_fast_path_matches_calling_every_rule(steps):
     assert (fast.state.to_json() if fast.state else None) == (slow.state.to_json() if slow.state else None)
 
 
-def play_in_runs(engine, steps, split_every=0):
+def play_in_runs(engine, steps, split_every=0, tick_ahead_s=0):
     """``play`` with each run of consecutive fixes handed to ``on_positions`` at once (what the worker does with
     a device's fixes in one batch); ``split_every`` > 0 cuts runs after that many fixes."""
     d = Device(engine, "truck-1")
@@ -829,7 +830,7 @@ def play_in_runs(engine, steps, split_every=0):
             if step[2]:
                 d.tele(t, **step[2])
         else:
-            d.tick(t)
+            d.tick(t + tick_ahead_s * 1000)
     flush()
     d.tick(t + 2 * H)
     return d
@@ -845,6 +846,38 @@ def test_a_run_of_fixes_at_once_gives_what_one_call_per_fix_gives(steps, split_e
         (one_by_one.state.to_json() if one_by_one.state else None)
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps_strategy, st.integers(0, 4), st.sampled_from([0, 600, 3000, 7200]))
+def test_runs_match_one_call_per_fix_when_the_timer_is_ahead_of_the_fixes(steps, split_every, ahead_s):
+    """A timer ahead of the fixes raises offline alerts that later fixes (older than the raise) do not clear:
+    the run's fast path lets such fixes through without changing the alert."""
+    one_by_one = play(engine_for_mixed(), steps, tick_ahead_s=ahead_s)
+    in_runs = play_in_runs(engine_for_mixed(), steps, split_every, tick_ahead_s=ahead_s)
+    assert in_runs.alerts == one_by_one.alerts
+    assert (in_runs.state.to_json() if in_runs.state else None) == \
+        (one_by_one.state.to_json() if one_by_one.state else None)
+
+
+def test_fixes_older_than_a_raised_offline_alert_pass_the_fast_path_and_keep_it():
+    engine = make_engine({"id": "silent", "kind": "offline", "after": "10m"},
+                         {"id": "slow", "kind": "offline", "after": "1h"},
+                         {"id": "fast", "kind": "overspeed", "limit_kmh": 100})
+    state, _ = engine.on_position(None, "van-1", 1_000, {"speed_kmh": 40.0, "motion": "moving"})
+    state, raised = engine.tick(state, "van-1", 1_000 + 20 * M)  # the wall clock is ahead: offline at 10m
+    assert [a.rule for a in raised] == ["silent"] and state.offline == {"silent": 1_000 + 10 * M}
+    run = [(1_000 + i * 5_000, {"speed_kmh": 40.0 + i, "motion": "moving"}, (), ()) for i in range(1, 30)]
+    after, alerts = engine.on_positions(state, "van-1", run)
+    expected = state
+    for ts, values, fences, events in run:
+        expected, _ = engine.on_position(expected, "van-1", ts, values, fences, events)
+    assert alerts == []
+    assert after == expected and after.offline == {"silent": 1_000 + 10 * M}
+    assert after.last_seen_ms == run[-1][0] and after.due_ms == run[-1][0] + 60 * M  # the 1h rule is next
+    back = run[-1][0] + 10 * M  # a fix after the raise clears it
+    cleared, alerts = engine.on_positions(after, "van-1", [(back, {"speed_kmh": 40.0, "motion": "moving"}, (), ())])
+    assert [(a.rule, a.state.value) for a in alerts] == [("silent", "cleared")] and cleared.offline is None
+
+
 def test_a_quiet_run_of_fixes_builds_one_state_and_moves_last_seen_to_its_newest_fix():
     engine = make_engine({"id": "silent", "kind": "offline", "after": "10m"},
                          {"id": "fast", "kind": "overspeed", "limit_kmh": 100})
@@ -856,3 +889,25 @@ def test_a_quiet_run_of_fixes_builds_one_state_and_moves_last_seen_to_its_newest
     assert after.due_ms == run[-1][0] + 10 * M
     fast, alerts = engine.on_positions(after, "van-1", [(run[-1][0] + 1_000, {"speed_kmh": 130.0}, (), ())])
     assert fast.last_seen_ms == run[-1][0] + 1_000 and fast.rules  # the overspeed run started
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**53, 2**53), st.floats(allow_nan=False),
+                     st.text(max_size=5))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(alerts_module._FLAT, key=lambda cls: cls.__name__)), st.data())
+def test_flat_rule_states_encode_as_the_general_walk_does(cls, data):
+    """The encoder's shortcut for all-scalar states gives what walking every field gives, and reads back."""
+    rs = cls(*(data.draw(_scalars) for _ in cls._fields))
+    general = [alerts_module._TAGS[cls], *(alerts_module._plain(v) for v in rs)]
+    assert alerts_module._encode_rule_state(rs) == general
+    assert orjson.dumps(alerts_module._encode_rule_state(rs)) == orjson.dumps(general)
+
+
+def test_the_flat_rule_states_declare_no_tuple_fields():
+    """The shortcut is only right while these states hold scalars: a tuple field must take the general walk."""
+    for cls in alerts_module._FLAT:
+        assert not any("tuple" in str(hint) for hint in cls.__annotations__.values()), cls
+    for cls in set(alerts_module._STATE_TYPES.values()) - alerts_module._FLAT:
+        assert any("tuple" in str(hint) for hint in cls.__annotations__.values()), cls

@@ -1,0 +1,126 @@
+"""The position pipeline's alert path: what it emits and stores must not depend on its shortcuts.
+
+The pipeline keeps the signals it knows the store holds as objects (``signals_applied``) instead of decoding them
+again; the worker feeds it after every acknowledged flush. These tests run the same batches, timer ticks included,
+through a pipeline fed that way and one that always reads the store, and compare every record byte for byte.
+"""
+
+from __future__ import annotations
+
+import random
+
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fleetstream.codecs import format_ts
+from fleetstream.config import Settings
+from fleetstream.domain.alerts import AlertEngine
+from fleetstream.domain.rules import parse_rules
+from fleetstream.streaming.pipeline import BatchOutput, InRecord, PositionPipeline
+
+START_MS = 1_780_000_000_000
+CLOCK_MS = START_MS + 100 * 86_400_000  # the worker's clock: past every fix (none is dead-lettered as future)
+RULES = {
+    "groups": {"fleet": ["veh-*"]},
+    "rules": [
+        {"id": "offline", "kind": "offline", "severity": "major", "after": "10m", "groups": ["fleet"]},
+        {"id": "fast", "kind": "overspeed", "severity": "major", "limit_kmh": 70, "for": "30s", "groups": ["fleet"]},
+        {"id": "t60", "kind": "threshold", "severity": "minor", "when": "speed_kmh > 60 for 1m", "groups": ["fleet"]},
+        {"id": "t40", "kind": "threshold", "severity": "minor", "when": "speed_kmh > 40 for 20s",
+         "groups": ["fleet"]},
+        {"id": "service", "kind": "maintenance", "severity": "info", "every_km": 2, "groups": ["fleet"]},
+    ],
+}
+
+
+class Store(dict):
+    def get(self, partition: int, key: bytes) -> bytes | None:  # type: ignore[override]
+        return dict.get(self, key)
+
+
+def messages(seed: int, devices: int, count: int, per_message: int) -> list[InRecord]:
+    """Devices driving with speeds that wander across the rules' limits, a few fixes per message."""
+    rng = random.Random(seed)
+    state = {f"veh-{i}": [53.4, -2.98, START_MS, rng.uniform(0, 90)] for i in range(devices)}
+    out = []
+    for offset in range(count):
+        device = f"veh-{rng.randrange(devices)}"
+        s = state[device]
+        fixes = []
+        for _ in range(per_message):
+            s[0] += rng.gauss(0, 0.0005)
+            s[1] += rng.gauss(0, 0.0005)
+            s[2] += rng.choice([5_000, 5_000, 60_000, 900_000])  # now and then a gap past the offline rule
+            s[3] = min(120.0, max(0.0, s[3] + rng.gauss(0, 12)))
+            fixes.append({"device_id": device, "ts": format_ts(s[2]), "lat": round(s[0], 6),
+                          "lon": round(s[1], 6), "speed_kmh": round(s[3], 1)})
+        out.append(InRecord("fleet.positions", hash(device) % 3, offset, device.encode(), orjson.dumps(fixes)))
+    return out
+
+
+def run(records: list[InRecord], batch: int, tick_every: int, mirror: bool) -> tuple[list, dict]:
+    """Batches (and timer ticks on a clock ahead of the fixes) as the worker runs them; every record out and the
+    signals store at the end."""
+    cfg = Settings.load(env={})
+    engine = AlertEngine(parse_rules(RULES))
+    state, signals = Store(), Store()
+    pipeline = PositionPipeline(cfg, state, changelog_topic="state", signals=signals,
+                                signals_changelog_topic="signals", alert_engine=lambda: engine,
+                                clock_ms=lambda: CLOCK_MS)
+    emitted: list = []
+    due: dict[str, int] = {}
+
+    def applied(out: BatchOutput) -> None:
+        emitted.extend(out.records)
+        for _, key, value in out.state_writes:
+            state[key] = value
+        for _, key, value in out.signal_writes:
+            signals[key] = value
+        if mirror:
+            pipeline.signals_applied(out.new_signals)
+        for device_id, (partition, _) in out.new_signals.items():
+            due[device_id] = partition
+
+    for n, i in enumerate(range(0, len(records), batch)):
+        applied(pipeline.process(records[i : i + batch]))
+        if tick_every and n % tick_every == tick_every - 1:
+            now = START_MS + (n + 1) * 3_600_000  # the wall clock runs ahead of the fixes (a backlog)
+            applied(pipeline.tick([(p, d) for d, p in sorted(due.items())], now_ms=now))
+    return emitted, dict(signals)
+
+
+def test_the_batches_raise_and_clear_alerts():
+    emitted, _ = run(messages(3, 4, 60, 5), 4, 2, mirror=True)
+    states = {orjson.loads(r.value)["state"] for r in emitted if r.topic == "fleet.alerts"}
+    assert states == {"raised", "cleared"}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 8), st.sampled_from([0, 1, 3]))
+def test_the_applied_signals_mirror_gives_what_reading_the_store_gives(seed, devices, batch, tick_every):
+    records = messages(seed, devices, 40, 5)
+    with_mirror = run(records, batch, tick_every, mirror=True)
+    from_store = run(records, batch, tick_every, mirror=False)
+    assert with_mirror == from_store
+    assert not any(r.topic == "fleet.deadletter" for r in with_mirror[0])
+
+
+def test_the_mirror_is_read_instead_of_the_store_and_forgotten_on_a_rebalance():
+    cfg = Settings.load(env={})
+    engine = AlertEngine(parse_rules(RULES))
+    signals = Store()
+    pipeline = PositionPipeline(cfg, Store(), changelog_topic="state", signals=signals,
+                                signals_changelog_topic="signals", alert_engine=lambda: engine,
+                                clock_ms=lambda: CLOCK_MS)
+    out = pipeline.process(messages(1, 1, 1, 3))
+    for _, key, value in out.signal_writes:
+        signals[key] = value
+    pipeline.signals_applied(out.new_signals)
+    (device, (_, applied)), = out.new_signals.items()
+    assert applied.alerts is not None and applied.alerts.watch is not None  # decoding would lose the watch
+    signals[device.encode()] = b"not json"  # were the store read, this would fail
+    again = pipeline.process(messages(2, 1, 1, 3))
+    assert again.enriched == 3 and device in again.new_signals
+    pipeline.forget_applied_signals()
+    assert pipeline.applied_signals == {}
