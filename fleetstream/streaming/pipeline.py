@@ -45,7 +45,6 @@ from fleetstream.domain.trips import TrackEvent
 from fleetstream.streaming.aggregates import Aggregation, BatchRows
 from fleetstream.streaming.output import OutRecord
 
-
 SETTLED_DEVICES_LIMIT = 1_000_000  # devices remembered as settled inside geofences (then forgotten at once)
 
 
