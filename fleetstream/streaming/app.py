@@ -508,12 +508,16 @@ class PositionWorker:
         return DeviceSignals.from_json(orjson.loads(raw)) if raw else None
 
     def local_signals(self) -> list[DeviceSignals]:
-        """Telemetry and alert state of every device in this worker's active partitions."""
+        """Telemetry and alert state of every device in this worker's active partitions. Devices whose applied
+        signals the pipeline still holds as objects are not decoded again (a metrics scrape reads them all)."""
         if self.signals is None:
             return []
+        applied = self.pipeline.applied_signals if self.pipeline is not None else {}
         found: dict[str, DeviceSignals] = {}
-        for _, _, value in self._active_items(self.signals):
-            signal = DeviceSignals.from_json(orjson.loads(value))
+        for _, key, value in self._active_items(self.signals):
+            signal = applied.get(key.decode("utf-8", "replace"))
+            if signal is None:
+                signal = DeviceSignals.from_json(orjson.loads(value))
             found[signal.device_id] = signal
         found.update({device_id: entry[1] for device_id, entry in self._pending_signals.items()})
         return list(found.values())

@@ -137,6 +137,16 @@ def test_scripted_incidents_give_exactly_the_expected_alerts(broker, prefix, tmp
         asyncio.run(produce(broker.bootstrap, settings.positions_topic,
                             [r for r in phase1 if b"metrics" not in r[1]] + tracker))
         first = wait_for_alerts(settings, lambda got: len(keyset(got)) >= 4, timeout_s=60)
+        # the same worker's API, while it holds the devices' applied signals as objects (no store decode)
+        expected_active = {("cold-chain", "reefer-1"), ("restock", "vend-1"), ("depot-at-night", "truck-1"),
+                           ("battery-trend", "truck-2")}
+        deadline = time.time() + 30
+        while True:
+            active_now = {(a["rule"], a["subject_id"]) for a in api_get(worker, "/alerts")["alerts"]}
+            if active_now == expected_active or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        assert active_now == expected_active
     finally:
         worker.stop()
     last_tracker_ms = now_ms - 3000 + 2000
