@@ -1,4 +1,5 @@
-"""An open-addressing hash table from uint64 H3 cells to row numbers, built and probed with whole-array numpy.
+"""An open-addressing hash table of uint64 H3 cells: built with whole-array numpy, probed by compiled loops
+(``kernels``: ``find`` here, and GeofenceIndex lookups).
 
 Why: a sorted array searched with ``searchsorted`` costs about twenty cache-missing steps per key, growing with
 the number of cells (so with the number of geofences); a hash table costs one or two probes per key whatever
