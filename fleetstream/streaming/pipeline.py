@@ -217,8 +217,10 @@ class PositionPipeline:
             trips=settings.trips_enabled, filters=self.filters,
         )
         self.publish_filtered = settings.filtered_output == "publish"
-        # device -> (index, memberships, answer) of devices settled inside geofences (see _transitions)
-        self._settled: dict[str, tuple[GeofenceIndex, dict[str, Membership], tuple[str, ...]]] = {}
+        # device -> (memberships, answer) of devices settled inside geofences under ``_settled_index`` (see
+        # _transitions); holds no index of its own, so a replaced index is not kept alive by devices gone quiet
+        self._settled: dict[str, tuple[dict[str, Membership], tuple[str, ...]]] = {}
+        self._settled_index: GeofenceIndex | None = None
         self.transition_defaults = TransitionDefaults(
             dwell_s=settings.geofence_dwell_s, enter_after_s=settings.geofence_enter_after_s,
             exit_after_s=settings.geofence_exit_after_s, exit_buffer_m=settings.geofence_exit_buffer_m,
@@ -565,15 +567,19 @@ class PositionPipeline:
 
         Most fixes change nothing: a device outside every geofence, or one that ``steady_inside`` found settled
         inside the same geofences at its last step (same index, same memberships object, same answer) keeps
-        its memberships (``state`` carries them over from ``previous``) without a call to ``step``."""
+        its memberships (``state`` carries them over from ``previous``) without a call to ``step``. The memo is
+        cleared whenever the index changes."""
         index = index or _NO_GEOFENCES
+        if self._settled_index is not index:  # a new index: forget what held under the old one (and let it go)
+            self._settled.clear()
+            self._settled_index = index
         memberships = previous.fences if previous is not None else None
         if memberships is None:
             if not fences and (previous is None or not index.has_cross):
                 return state, []
         else:
             settled = self._settled.get(fix.device_id)
-            if settled is not None and settled[0] is index and settled[1] is memberships and settled[2] == fences:
+            if settled is not None and settled[0] is memberships and settled[1] == fences:
                 return state, []
         new_memberships, events = transition_step(
             memberships_from_json(memberships), previous, fix, fences, index, self.transition_defaults
@@ -582,7 +588,7 @@ class PositionPipeline:
         if inside is not None:
             if len(self._settled) >= SETTLED_DEVICES_LIMIT:
                 self._settled.clear()
-            self._settled[fix.device_id] = (index, new_memberships, inside)
+            self._settled[fix.device_id] = (new_memberships, inside)
         else:
             self._settled.pop(fix.device_id, None)
         partition = record.partition if self.copartitioned else None

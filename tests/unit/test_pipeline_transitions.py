@@ -107,7 +107,7 @@ class NeverSettled(dict):
         pass
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.integers(1, 8), st.integers(2, 7), st.integers(1, 12))
 def test_the_settled_shortcut_changes_no_output(seed, devices, batches, per_message):
     data = fleet_batches(seed, devices, batches, per_message)
@@ -152,3 +152,24 @@ def test_a_device_handed_back_from_another_worker_is_stepped_again():
     assert batch(here, 0, LAT, LON - 0.002, START_MS) == {"enter": 1}
     assert batch(there, 1, LAT + 0.001, LON + 0.001, START_MS + 600_000) == {"enter": 1}
     assert batch(here, 2, LAT, LON - 0.002, START_MS + 1_200_000) == {"exit": 1}
+
+
+def test_a_replaced_index_is_not_kept_alive_by_settled_devices():
+    """Devices settled under an index that is then replaced, and that never report again, must not pin it (an
+    index of 100,000 geofences is ~800 MB)."""
+    import gc
+    import weakref
+
+    state = DictState()
+    indexes = {"now": GeofenceIndex.build(FENCES)}
+    pipe = PositionPipeline(Settings.load(env={}), state, changelog_topic="changelog",
+                            geofences=lambda: indexes["now"], alert_engine=lambda: None,
+                            clock_ms=lambda: START_MS + 10**10)
+    parked = [{"device_id": "quiet", "ts": format_ts(START_MS + 5_000 * i), "lat": LAT, "lon": LON} for i in range(3)]
+    pipe.process([InRecord("fleet.positions", 0, 0, b"quiet", orjson.dumps(parked))])
+    old = weakref.ref(indexes["now"])
+    indexes["now"] = indexes["now"].with_changes(deletes=["gate"])
+    other = [{"device_id": "busy", "ts": format_ts(START_MS + 5_000 * i), "lat": LAT, "lon": LON} for i in range(2)]
+    pipe.process([InRecord("fleet.positions", 1, 1, b"busy", orjson.dumps(other))])
+    gc.collect()
+    assert old() is None
