@@ -235,7 +235,7 @@ class PositionWorker:
             copartitioned=n_in == n_out, stats=self.stats, geofences=self.geofences.current,
             signals=self.signals,
             signals_changelog_topic=self.signals.table.changelog_topic_name if self.signals is not None else "",
-            alert_engine=self.alert_engine, aggregation=self.aggregation,
+            alert_engine=self.alert_engine, aggregation=self.aggregation, applied_states=lambda: self.directory,
         )
 
     def alert_engine(self) -> AlertEngine | None:

@@ -188,8 +188,12 @@ class PositionPipeline:
         signals_changelog_topic: str = "",
         alert_engine: Callable[[], AlertEngine | None] = lambda: None,
         aggregation: Aggregation | None = None,
+        applied_states: Callable[[], Mapping[str, tuple[int, DeviceState]]] = dict,
     ) -> None:
+        """``applied_states``: the owner's states that are in the store (their changelog acknowledged), as the
+        objects it applied, by device: read before decoding the store (the worker's directory)."""
         self.settings = settings
+        self.applied_states = applied_states
         self.aggregation = aggregation
         self.state = state
         self.signals = signals
@@ -323,7 +327,12 @@ class PositionPipeline:
         self._write_states(out)
 
     def _stored_state(self, partition: int, device_id: str) -> DeviceState | None:
-        """A device's state as the table's store holds it (states in flight are the caller's to check first)."""
+        """A device's state as the table's store holds it (states in flight are the caller's to check first):
+        the object the owner applied when it has one (no decode, and the geofence memberships keep their
+        identity for the settled-devices memo), else decoded from the store."""
+        applied = self.applied_states().get(device_id)
+        if applied is not None and applied[0] == partition:
+            return applied[1]
         raw = self.state.get(partition, device_id.encode())
         return DeviceState.from_dict(orjson.loads(raw)) if raw else None
 

@@ -1,6 +1,7 @@
-"""The pipeline's shortcut for devices settled inside geofences (``PositionPipeline._transitions``) against the
-same pipeline calling ``transitions.step`` for every fix: identical output records and state writes, batch by
-batch, while devices park, wander in and out, dwell, and the index changes under them."""
+"""The pipeline's shortcut for devices settled inside geofences (``PositionPipeline._transitions``), alone and with
+the worker's applied states handed back as objects, against the same pipeline calling ``transitions.step`` for
+every fix and decoding every state: identical output records and state writes, batch by batch, while devices
+park, wander in and out, dwell, and the index changes under them."""
 
 from __future__ import annotations
 
@@ -77,12 +78,14 @@ def fleet_batches(seed: int, devices: int, batches: int, per_message: int) -> li
     return out
 
 
-def run(batches: list[list[InRecord]], swap_at: int, shortcut: bool) -> list[tuple]:
+def run(batches: list[list[InRecord]], swap_at: int, shortcut: bool, applied: bool = False) -> list[tuple]:
+    """``applied``: like the worker, hand the pipeline the states it applied (objects) before the store's bytes."""
     state = DictState()
     indexes = {"now": FIRST}
+    directory: dict = {}
     pipe = PositionPipeline(Settings.load(env={}), state, changelog_topic="changelog",
                             geofences=lambda: indexes["now"], alert_engine=lambda: None,
-                            clock_ms=lambda: START_MS + 10**10)
+                            clock_ms=lambda: START_MS + 10**10, applied_states=lambda: directory)
     if not shortcut:
         pipe._settled = NeverSettled()
     seen = []
@@ -96,6 +99,8 @@ def run(batches: list[list[InRecord]], swap_at: int, shortcut: bool) -> list[tup
         seen.append((n, sorted(out.records), sorted(out.state_writes), dict(out.transitions)))
         for _, key, value in out.state_writes:
             state[key] = value
+        if applied:  # the worker's directory: accepted states, once their changelog is acknowledged
+            directory.update({d: entry for d, entry in out.new_states.items() if entry[1].accepted})
         pending = dict(out.new_states)
     return seen
 
@@ -112,7 +117,9 @@ class NeverSettled(dict):
 def test_the_settled_shortcut_changes_no_output(seed, devices, batches, per_message):
     data = fleet_batches(seed, devices, batches, per_message)
     swap_at = random.Random(seed).randrange(batches + 1)
-    assert run(data, swap_at, shortcut=True) == run(data, swap_at, shortcut=False)
+    reference = run(data, swap_at, shortcut=False)
+    assert run(data, swap_at, shortcut=True) == reference
+    assert run(data, swap_at, shortcut=True, applied=True) == reference
 
 
 def test_a_parked_device_takes_the_shortcut(monkeypatch):
