@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fleetstream.domain.kernels import find_slots
+from fleetstream.domain.kernels import find_slots, home_slots
 
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 LOAD = 0.5  # cells per slot
 
 
@@ -46,7 +44,7 @@ class CellHash:
         keys = np.zeros(int(table._capacity) + 64, dtype=np.uint64)  # probes run on past the end
         slot_of = np.empty(len(cells), dtype=np.int64)
         pending = np.arange(len(cells))
-        slot = table._slot(cells)
+        slot = home_slots(cells, table._capacity)
         probe = 0
         while len(pending):
             if slot.max(initial=0) >= len(keys):
@@ -69,16 +67,6 @@ class CellHash:
     def __len__(self) -> int:
         """Number of slots (the length of per-slot arrays)."""
         return len(self.keys)
-
-    def _slot(self, cells: np.ndarray) -> np.ndarray:
-        """splitmix64's finaliser, then modulo the capacity: H3 cells differ in few, structured bits, which a
-        plain multiply clusters; the modulo lets the capacity be any size (memory: LOAD, not a power of 2)."""
-        x = cells ^ (cells >> _S30)
-        x *= _M1
-        x ^= x >> _S27
-        x *= _M2
-        x ^= x >> _S31
-        return (x % self._capacity).astype(np.int64)
 
     @property
     def capacity(self) -> np.uint64:

@@ -26,7 +26,8 @@ SINGLE = np.uint64(1) << np.uint64(63)  # a slot word holding its slot's only fe
 
 @njit(cache=True, nogil=True, inline="always")
 def _slot(cell: np.uint64, capacity: np.uint64) -> np.int64:
-    """splitmix64's finaliser modulo the capacity: ``CellHash._slot`` for one key."""
+    """A cell's home slot: splitmix64's finaliser, then modulo the capacity (H3 cells differ in few, structured
+    bits, which a plain multiply clusters; the modulo lets the capacity be any size, not a power of 2)."""
     x = cell ^ (cell >> np.uint64(30))
     x = x * _M1
     x = x ^ (x >> np.uint64(27))
@@ -46,6 +47,15 @@ def _probe(records: np.ndarray, key: np.uint64, capacity: np.uint64, max_probe: 
         if held == 0:
             return -1
     return -1
+
+
+@njit(cache=True, nogil=True)
+def home_slots(cells: np.ndarray, capacity: np.uint64) -> np.ndarray:
+    """``_slot`` of every cell: where ``CellHash.build`` starts placing each (the same hash the probes use)."""
+    out = np.empty(len(cells), dtype=np.int64)
+    for k in range(len(cells)):
+        out[k] = _slot(cells[k], capacity)
+    return out
 
 
 @njit(cache=True, nogil=True)
