@@ -13,24 +13,12 @@ from hypothesis import strategies as st
 
 from fleetstream.codecs import format_ts
 from fleetstream.config import Settings
-from fleetstream.domain.geo import destination
-from fleetstream.domain.geofences import parse_geofence
 from fleetstream.domain.geoindex import GeofenceIndex
 from fleetstream.streaming import pipeline as pipeline_module
 from fleetstream.streaming.pipeline import InRecord, PositionPipeline
+from tests.unit.test_transitions import LAT, LON, square
 
-LAT, LON = 53.40, -2.98
 START_MS = 1_780_000_000_000
-
-
-def square(fence_id: str, half_m: float, lat: float, lon: float, **props: object):
-    north = destination(lat, lon, 0, half_m)[0] - lat
-    east = destination(lat, lon, 90, half_m)[1] - lon
-    ring = [[lon - east, lat - north], [lon + east, lat - north], [lon + east, lat + north], [lon - east, lat + north],
-            [lon - east, lat - north]]
-    return parse_geofence({"type": "Feature", "id": fence_id, "geometry": {"type": "Polygon", "coordinates": [ring]},
-                           "properties": props})
-
 
 FENCES = [
     square("depot", 400, LAT, LON),
