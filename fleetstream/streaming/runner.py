@@ -32,6 +32,7 @@ class _Worker(faust.Worker):
 # of short-lived objects (decoded fixes, outputs, rows) over a heap of device states and Faust's own objects, and
 # CPython's defaults spent several µs per fix collecting them. Measured in benchmarks/pipeline_cpu.py terms: the
 # aggregating pipeline went from ~20 to ~17 µs per fix with these thresholds.
+# Within a batch the collector is paused altogether (pipeline.collector_paused).
 GC_THRESHOLDS = (50_000, 20, 20)
 
 
