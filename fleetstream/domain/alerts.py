@@ -1163,44 +1163,48 @@ class AlertEngine:
                      fixes: Sequence[tuple[int, Mapping[str, Any], tuple[str, ...], Sequence[FenceEventLike]]]
                      ) -> tuple[DeviceAlertState | None, list[Alert]]:
         """A run of one device's accepted fixes ``(ts_ms, values, geofences, geofence_events)``, in order: the
-        same states and alerts as calling :meth:`on_position` for each, cheaper. Most fixes change nothing but
-        the time last seen (every value inside its watch interval, same geofences, no events, no deadline due):
-        those only move two locals, and one state is built at the end instead of one per fix.
+        same states and alerts as calling :meth:`on_position` for each, cheaper. One state is built at the end
+        of the run (or before an input that needs :meth:`on_position`) instead of one per fix:
 
-        That includes a device with an offline alert raised *after* the fix's time (the timer runs on the wall
-        clock, so a backlog being caught up looks offline): such a fix does not clear the alert, so it is quiet
-        too, and ``offline`` passes through unchanged."""
+        - most fixes change nothing but the time last seen (every value inside its watch interval, same
+          geofences, no events, no deadline due): they only move two locals;
+        - a fix whose value leaves its interval with nothing else going on (the common change: a speed crossing
+          a threshold, a new peak) runs the rules whose own interval misses the value against run-local copies
+          of the rule states, the watch and the earliest deadline (:meth:`_shift`).
+
+        A device with an offline alert raised *after* the fix's time (the timer runs on the wall clock, so a
+        backlog being caught up looks offline) takes these paths too: such a fix does not clear the alert, and
+        ``offline`` passes through unchanged."""
         alerts: list[Alert] = []
         plan = self._plans.get(device_id) or self._plan(device_id)
         key = self.key
         fence_rules = bool(plan.fences)
         offline_rules = bool(plan.offline)
         needs_motion = plan.needs_motion
-        last_seen = motion = None
+        fast = False  # the locals below describe ``state`` plus this run's changes to it
         dirty = False  # last_seen/motion moved on from ``state``'s
-        described: DeviceAlertState | bool | None = False  # the state the quiet test below was set up for
-        quiet_ok = False
-        fences_seen: tuple[str, ...] | None = None
+        shifted = False  # and the rule states, watch bounds or earliest deadline too
+        owned = False  # ``rules`` is this run's own copy (``state`` does not hold it)
+        rules: dict[str, Any] | Mapping[str, Any] | None = None
+        last_seen = motion = fences_seen = fence_speed = None
         bounds: tuple[WatchEntry, ...] = ()
         held_until = rules_due = offline_after = None
         for ts_ms, values, geofences, events in fixes:
-            if described is not state:  # once per state, not per fix: what a quiet fix must stay within
-                described = state
-                quiet_ok = False
-                if state is not None and state.ruleset_key == key:
-                    watch = state.watch
-                    if watch is not None and watch[3] is plan:
-                        quiet_ok = True
-                        fences_seen, bounds = watch[0], watch[2]
-                        offline = state.offline
-                        # a fix at or after an offline alert's raise clears it: the full path
-                        held_until = min(offline.values()) if offline else None
-                        rules_due = state.rules_due_ms
-                        # the offline deadline is last_seen + this (None: no offline rule left to raise)
-                        offline_after = None if not offline_rules else plan.min_offline_ms if offline is None \
-                            else next((m.after_ms for m in plan.offline if m.rid not in offline), None)
-                        last_seen, motion = state.last_seen_ms, state.motion
-            if quiet_ok and geofences == fences_seen and not (events and fence_rules) \
+            if not fast and state is not None and state.ruleset_key == key:
+                watch = state.watch
+                if watch is not None and watch[3] is plan:
+                    fast = True
+                    fences_seen, fence_speed, bounds = watch[0], watch[1], watch[2]
+                    rules, owned = state.rules, False
+                    offline = state.offline
+                    # a fix at or after an offline alert's raise clears it: the full path
+                    held_until = min(offline.values()) if offline else None
+                    rules_due = state.rules_due_ms
+                    # the offline deadline is last_seen + this (None: no offline rule left to raise)
+                    offline_after = None if not offline_rules else plan.min_offline_ms if offline is None \
+                        else next((m.after_ms for m in plan.offline if m.rid not in offline), None)
+                    last_seen, motion = state.last_seen_ms, state.motion
+            if fast and geofences == fences_seen and not (events and fence_rules) \
                     and (held_until is None or ts_ms < held_until) \
                     and (rules_due is None or rules_due > ts_ms) \
                     and (offline_after is None or last_seen is None or last_seen + offline_after > ts_ms):
@@ -1208,24 +1212,93 @@ class AlertEngine:
                 for name, lo, hi, _, _, _, _ in bounds:
                     v = get(name)
                     if v is not None and not lo <= v <= hi:
+                        if not owned:
+                            rules, owned = dict(rules) if rules else {}, True
+                        moved = self._shift(rules, bounds, fence_speed, rules_due, ts_ms, values, geofences,  # type: ignore[arg-type]
+                                            device_id, alerts)
+                        if moved is not None:
+                            bounds, rules_due = moved
+                            shifted = True
                         break
-                else:  # quiet: only the time last seen and the motion move on
-                    if not offline_rules:
-                        last_seen = None
-                    elif last_seen is None or ts_ms > last_seen:
-                        last_seen = ts_ms
-                    motion = get("motion") if needs_motion else None
-                    dirty = True
-                    continue
-            if dirty:
+                # only the time last seen and the motion move on (besides what _shift did)
+                if not offline_rules:
+                    last_seen = None
+                elif last_seen is None or ts_ms > last_seen:
+                    last_seen = ts_ms
+                motion = get("motion") if needs_motion else None
+                dirty = True
+                continue
+            if shifted:
+                state = self._shifted(state, plan, rules, bounds, fences_seen, fence_speed, rules_due,  # type: ignore[arg-type]
+                                      last_seen, motion)
+            elif dirty:
                 state = self._moved_on(state, plan, last_seen, motion)  # type: ignore[arg-type]
-                dirty = False
+            dirty = shifted = fast = False
             state, new = self.on_position(state, device_id, ts_ms, values, geofences, events)
-            described = False
             alerts.extend(new)
-        if dirty:
+        if shifted:
+            state = self._shifted(state, plan, rules, bounds, fences_seen, fence_speed, rules_due,  # type: ignore[arg-type]
+                                  last_seen, motion)
+        elif dirty:
             state = self._moved_on(state, plan, last_seen, motion)  # type: ignore[arg-type]
         return state, alerts
+
+    def _shift(self, rules: dict[str, Any], bounds: tuple[WatchEntry, ...], fence_speed: SpeedLimit | None,
+               rules_due: int | None, ts_ms: int, values: Mapping[str, Any], geofences: tuple[str, ...],
+               subject: str, alerts: Out) -> tuple[tuple[WatchEntry, ...], int | None] | None:
+        """:meth:`on_position`'s rule pass for a fix with nothing else going on: the rules whose own interval
+        misses a value run; ``rules`` (the run's own copy) is updated in place. Returns the new watch bounds
+        and earliest deadline, or None when no rule state changed."""
+        get = values.get
+        entries: list[WatchEntry] | None = None
+        due_full = False  # the earliest deadline may have gone: scan them all
+        for name, lo, hi, members, lows, highs, index in bounds:
+            v = get(name)
+            if v is None or lo <= v <= hi:
+                continue
+            new_lows = new_highs = None
+            for j, (m, m_lo, m_hi) in enumerate(zip(members, lows, highs, strict=True)):
+                if m_lo <= v <= m_hi:
+                    continue
+                old = rules.get(m.rid)
+                new = m.on_position(old, ts_ms, values, geofences, subject, alerts)
+                if new is old:
+                    continue
+                if new is None:
+                    del rules[m.rid]
+                else:
+                    rules[m.rid] = new
+                if new_lows is None:
+                    new_lows, new_highs = list(lows), list(highs)
+                new_lows[j], new_highs[j] = m.quiet(new, fence_speed)  # type: ignore[index]
+                old_due = m.deadline(old) if old is not None else None
+                new_due = m.deadline(new) if new is not None else None
+                if old_due != new_due:
+                    if old_due is not None and old_due == rules_due:
+                        due_full = True
+                    elif new_due is not None and (rules_due is None or new_due < rules_due):
+                        rules_due = new_due
+            if new_lows is not None:
+                if entries is None:
+                    entries = list(bounds)
+                entries[index] = (name, max(new_lows), min(new_highs), members, tuple(new_lows),  # type: ignore[arg-type]
+                                  tuple(new_highs), index)  # type: ignore[arg-type]
+        if entries is None:
+            return None
+        return tuple(entries), self._rules_due(rules) if due_full else rules_due
+
+    def _shifted(self, state: DeviceAlertState, plan: _Plan, rules: Mapping[str, Any] | None,
+                 bounds: tuple[WatchEntry, ...], fences_seen: tuple[str, ...] | None,
+                 fence_speed: SpeedLimit | None, rules_due: int | None, last_seen: int | None, motion: Any
+                 ) -> DeviceAlertState | None:
+        """The state after a run's :meth:`_shift` changes (what :meth:`on_position`'s ``_finish`` builds)."""
+        rules = rules or None
+        offline = state.offline
+        if rules is None and offline is None and last_seen is None and motion is None:
+            return None
+        due = _min(rules_due, self._offline_due(plan, last_seen, offline))
+        return _state(self.key, last_seen, due, rules_due, rules, offline, motion,
+                      (fences_seen, fence_speed, bounds, plan))
 
     def _moved_on(self, state: DeviceAlertState, plan: _Plan, last_seen: int | None, motion: Any
                   ) -> DeviceAlertState | None:
