@@ -159,6 +159,10 @@ class DeviceState(NamedTuple):
         sets memberships once per fix."""
         return _tuple_new(DeviceState, (*self[:11], fences, *self[12:]))
 
+    def with_geofences(self, geofences: tuple[str, ...]) -> DeviceState:
+        """``_replace(geofences=geofences)``, likewise (set whenever the index answer for a device changes)."""
+        return _tuple_new(DeviceState, (*self[:10], geofences, *self[11:]))
+
     @property
     def accepted(self) -> bool:
         """Whether the device has an accepted fix (else this state only holds fixes for reordering)."""

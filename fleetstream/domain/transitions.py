@@ -152,6 +152,12 @@ def _settled(fence_id: str, member: Membership, index: FenceIndex, defaults: Tra
     return fence is not None and _rules(defaults, fence).dwell_s <= 0
 
 
+# Memberships and events are built with tuple.__new__ (all fields given): NamedTuple's keyword-handling constructor
+# and ``_replace`` cost about a microsecond each, and ``_step`` builds several per call.
+_new = tuple.__new__
+_OUTSIDE = Membership(False, 0, False)
+
+
 def _step(
     memberships: Memberships,
     last: Position | None,
@@ -164,51 +170,58 @@ def _step(
     events: list[GeofenceEvent] = []
     result: dict[str, Membership] = {}
     now = fix.ts_ms
-    for fence_id in sorted(set(memberships) | set(inside)):
+    device_id, lat, lon = fix.device_id, fix.lat, fix.lon
+    for fence_id in sorted(memberships.keys() | inside) if memberships else sorted(set(inside)):
         member = memberships.get(fence_id)
         fence = index.get(fence_id)
         if fence is None:  # deleted while the device was inside (or pending)
             if member is not None and member.inside:
-                events.append(GeofenceEvent(_EXIT, fix.device_id, fence_id, now, fix.lat, fix.lon,
-                                            (now - member.since_ms) / 1000.0, "geofence_deleted"))
+                events.append(_new(GeofenceEvent, (_EXIT, device_id, fence_id, now, lat, lon,
+                                                   (now - member.since_ms) / 1000.0, "geofence_deleted")))
             continue
         rules = _rules(defaults, fence)
         if member is None:
-            member = Membership(False, 0, False)
+            member = _OUTSIDE
         if rules.min_accuracy_m and fix.accuracy_m is not None and fix.accuracy_m > rules.min_accuracy_m:
             if member.inside or member.pending_ms is not None:
                 result[fence_id] = member
             continue
         observed = fence_id in inside
-        if member.inside and not observed and rules.exit_buffer_m > 0:
-            observed = index.distance_outside_m(fence_id, fix.lat, fix.lon) < rules.exit_buffer_m
-        if observed == member.inside:
+        was_inside = member.inside
+        if was_inside and not observed and rules.exit_buffer_m > 0:
+            observed = index.distance_outside_m(fence_id, lat, lon) < rules.exit_buffer_m
+        if observed == was_inside:
             if member.pending_ms is not None:
-                member = member._replace(pending_ms=None)
+                member = _new(Membership, (was_inside, member.since_ms, member.dwell_done, None, member.pending_lat,
+                                           member.pending_lon))
         else:
             if member.pending_ms is None:
-                member = member._replace(pending_ms=now, pending_lat=fix.lat, pending_lon=fix.lon)
+                member = _new(Membership, (was_inside, member.since_ms, member.dwell_done, now, lat, lon))
             wait_ms = (rules.enter_after_s if observed else rules.exit_after_s) * 1000.0
-            if now - member.pending_ms >= wait_ms:
-                at_ms, lat, lon = member.pending_ms, member.pending_lat, member.pending_lon
+            if now - member.pending_ms >= wait_ms:  # type: ignore[operator]
+                at_ms, at_lat, at_lon = member.pending_ms, member.pending_lat, member.pending_lon
                 if observed:
-                    events.append(GeofenceEvent(_ENTER, fix.device_id, fence_id, at_ms, lat, lon))
-                    member = Membership(True, at_ms, False)
+                    events.append(_new(GeofenceEvent, (_ENTER, device_id, fence_id, at_ms, at_lat, at_lon, None,
+                                                       None)))
+                    member = _new(Membership, (True, at_ms, False, None, 0.0, 0.0))
                 else:
-                    events.append(GeofenceEvent(_EXIT, fix.device_id, fence_id, at_ms, lat, lon,
-                                                (at_ms - member.since_ms) / 1000.0))
-                    member = Membership(False, 0, False)
-        dwell_due = rules.dwell_s > 0 and now - member.since_ms >= rules.dwell_s * 1000
-        if member.inside and dwell_due and not member.dwell_done:
-            events.append(GeofenceEvent(_DWELL, fix.device_id, fence_id, now, fix.lat, fix.lon, rules.dwell_s))
-            member = member._replace(dwell_done=True)
-        if member.inside or member.pending_ms is not None:
+                    events.append(_new(GeofenceEvent, (_EXIT, device_id, fence_id, at_ms, at_lat, at_lon,
+                                                       (at_ms - member.since_ms) / 1000.0, None)))  # type: ignore[operator]
+                    member = _OUTSIDE
+        if member.inside:
+            dwell_s = rules.dwell_s
+            if dwell_s > 0 and not member.dwell_done and now - member.since_ms >= dwell_s * 1000:
+                events.append(_new(GeofenceEvent, (_DWELL, device_id, fence_id, now, lat, lon, dwell_s, None)))
+                member = _new(Membership, (True, member.since_ms, True, member.pending_ms, member.pending_lat,
+                                           member.pending_lon))
+            result[fence_id] = member
+        elif member.pending_ms is not None:
             result[fence_id] = member
     if last is not None:
-        for fence_id in index.fences_crossed(last.lat, last.lon, fix.lat, fix.lon):
+        for fence_id in index.fences_crossed(last.lat, last.lon, lat, lon):
             was = memberships.get(fence_id)
             if fence_id not in inside and not (was is not None and was.inside) and fence_id not in result:
-                events.append(GeofenceEvent(_CROSS, fix.device_id, fence_id, now, fix.lat, fix.lon))
+                events.append(_new(GeofenceEvent, (_CROSS, device_id, fence_id, now, lat, lon, None, None)))
     return result, events
 
 
@@ -226,6 +239,11 @@ def memberships_to_json(memberships: Mapping[str, Membership | list[Any]]) -> di
     return {fence_id: m.to_list() if isinstance(m, Membership) else m for fence_id, m in memberships.items()}
 
 
-def memberships_from_json(raw: Mapping[str, Membership | list[Any]] | None) -> dict[str, Membership]:
-    """Memberships from a stored state (lists) or from a state still in memory (already Memberships)."""
-    return {fence_id: v if type(v) is Membership else Membership.from_list(v) for fence_id, v in (raw or {}).items()}
+def memberships_from_json(raw: Mapping[str, Membership | list[Any]] | None) -> Memberships:
+    """Memberships from a stored state (lists), or a state's still in memory (already Memberships: returned as
+    they are, not copied; nobody modifies them)."""
+    if not raw:
+        return {}
+    if all(type(v) is Membership for v in raw.values()):
+        return raw  # type: ignore[return-value]
+    return {fence_id: v if type(v) is Membership else Membership.from_list(v) for fence_id, v in raw.items()}

@@ -391,7 +391,7 @@ class PositionPipeline:
         if enrichment.filtered is None:
             assert new_state is not None
             if fences != new_state.geofences:
-                new_state = new_state._replace(geofences=fences)
+                new_state = new_state.with_geofences(fences)
             if previous is not None and previous.held is not None and new_state.held is not previous.held:
                 new_state = new_state._replace(held=previous.held)
             events: list[GeofenceEvent] = []
@@ -614,7 +614,7 @@ class PositionPipeline:
             out.transitions[event.type.value] += 1
             out.records.append(OutRecord(events_topic, record.key, dumps(geofence_event_dict(event)), partition))
         # kept as Membership objects while in memory; DeviceState.to_dict writes them as lists
-        return state._replace(fences=new_memberships or None), events
+        return state.with_fences(new_memberships or None), events
 
     def internal_error(self, record: InRecord, exc: Exception) -> BatchOutput:
         """The output for a record the pipeline failed on: one dead letter naming the error."""

@@ -174,8 +174,10 @@ def test_without_geofences_given_the_step_keeps_the_previous_ones():
     assert first.geofences == ()
 
 
-def test_with_fences_is_replace():
+def test_with_fences_and_with_geofences_are_replace():
     state = DeviceState("d", 1, 2.0, 3.0, 4.0, 5.0, 6.0, Motion.MOVING, 7, "h", ("g",), None,
                         TripState(0, 1.0, 2.0, 3.0, (), 4.0), None, None)
     assert state.with_fences({"g": 1}) == state._replace(fences={"g": 1})
     assert type(state.with_fences(None)) is DeviceState
+    assert state.with_geofences(("a", "b")) == state._replace(geofences=("a", "b"))
+    assert type(state.with_geofences(())) is DeviceState

@@ -118,6 +118,22 @@ def test_enter_after_carries_the_first_fix_of_the_run():
     assert [(e.type.value, e.ts_ms) for e in events] == [("enter", 30_000)]
 
 
+def test_confirmed_runs_carry_their_first_fix_place_and_time_and_the_exit_the_time_inside():
+    index = GeofenceIndex.build([square("a", 300)])
+    in1, in2, in3 = (LAT + 0.0001, LON - 0.0002), (LAT, LON), (LAT - 0.0001, LON + 0.0003)
+    out1, out2 = (LAT + 0.01, LON + 0.001), (LAT + 0.02, LON - 0.001)
+    fixes = [Position("d", 0, *out1), Position("d", 10_000, *in1), Position("d", 25_000, *in2),
+             Position("d", 45_000, *in3), Position("d", 100_000, *out1), Position("d", 115_000, *out2),
+             Position("d", 130_000, *out2)]
+    memberships, events = run(index, fixes, TransitionDefaults(enter_after_s=30, exit_after_s=20))
+    assert [(e.type.value, e.ts_ms, e.lat, e.lon) for e in events] == [
+        ("enter", 10_000, *in1),  # confirmed at 45 s, 35 s after the run's first fix
+        ("exit", 100_000, *out1),  # confirmed at 130 s
+    ]
+    assert events[1].dwell_s == 90  # from the enter run's first fix to the exit run's
+    assert memberships == {}
+
+
 def test_dwell_once_and_exit_carries_dwell_time():
     index = GeofenceIndex.build([square("a", 300, dwell_s=60)])
     fixes = [Position("d", t * 1000, LAT, LON) for t in range(0, 200, 10)] + [Position("d", 300_000, LAT + 0.01, LON)]
