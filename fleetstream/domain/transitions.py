@@ -244,6 +244,6 @@ def memberships_from_json(raw: Mapping[str, Membership | list[Any]] | None) -> M
     they are, not copied; nobody modifies them)."""
     if not raw:
         return {}
-    if all(type(v) is Membership for v in raw.values()):
+    if type(next(iter(raw.values()))) is Membership:  # a state's memberships are all objects or all lists
         return raw  # type: ignore[return-value]
     return {fence_id: v if type(v) is Membership else Membership.from_list(v) for fence_id, v in raw.items()}

@@ -587,7 +587,8 @@ class PositionPipeline:
         inside the same geofences at its last step (same index, same memberships object, same answer) keeps
         its memberships (``state`` carries them over from ``previous``) without a call to ``step``. The memo is
         cleared whenever the index changes."""
-        index = index or _NO_GEOFENCES
+        if index is None:
+            index = _NO_GEOFENCES
         if self._settled_index is not index:  # a new index: forget what held under the old one (and let it go)
             self._settled.clear()
             self._settled_index = index
