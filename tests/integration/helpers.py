@@ -127,6 +127,35 @@ async def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | No
         await producer.stop()
 
 
+async def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int | None]:
+    """A consumer group's committed offsets (``consumer.committed`` works on Tansu; the admin client's
+    ``list_consumer_group_offsets`` does not). Does not join the group."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
+    finally:
+        await consumer.stop()
+
+
+def missing_report(inputs: list[Consumed], enriched_ids: set[str], dead: list[Consumed]) -> dict[int, str]:
+    """Per input partition, the valid events (``partition-offset-index``) neither enriched nor dead-lettered,
+    as a count and input offset range: tells a partition never consumed from a few holes."""
+    dead_ids = {f"{d['partition']}-{d['offset']}-{d.get('index') or 0}" for d in (r.json() for r in dead)}
+    missing: dict[int, list[int]] = {}
+    for record in inputs:
+        try:
+            value = orjson.loads(record.value) if record.value else None
+        except orjson.JSONDecodeError:
+            continue
+        for index in range(len(value) if isinstance(value, list) else 1):
+            event_id = f"{record.partition}-{record.offset}-{index}"
+            if event_id not in enriched_ids and event_id not in dead_ids:
+                missing.setdefault(record.partition, []).append(record.offset)
+    return {p: f"{len(offsets)} events at offsets {min(offsets)}..{max(offsets)} ({len(set(offsets))} records)"
+            for p, offsets in sorted(missing.items())}
+
+
 async def read_topic(
     bootstrap: str, topic: str, *, expect: int | None = None, idle_s: float = 5.0, timeout_s: float = 120.0
 ) -> list[Consumed]:

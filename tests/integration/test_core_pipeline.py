@@ -14,7 +14,15 @@ import pytest
 from fleetstream.codecs import validate_output
 from fleetstream.config import Settings
 from fleetstream.domain.geo import haversine_m
-from tests.integration.helpers import WorkerProcess, produce, read_topic, wait_for_count, worker_settings
+from tests.integration.helpers import (
+    WorkerProcess,
+    committed_offsets,
+    missing_report,
+    produce,
+    read_topic,
+    wait_for_count,
+    worker_settings,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -171,6 +179,8 @@ def test_sigkill_and_restart_loses_nothing(broker, prefix, tmp_path: Path):
         assert worker.status()["fixes_in"] < n_valid + malformed, "worker finished before the kill"
     finally:
         worker.kill()
+    # where the killed worker left its group (for the failure report below)
+    committed_at_kill = asyncio.run(committed_offsets(broker.bootstrap, settings.app_id, settings.positions_topic, 4))
     restarted = WorkerProcess(settings, tmp_path / "worker2.log").start()
     try:
         # Wait for every distinct event id, not a record count: the replay's duplicates can reach the count while
@@ -183,6 +193,15 @@ def test_sigkill_and_restart_loses_nothing(broker, prefix, tmp_path: Path):
                 break
             time.sleep(2)
         dead = asyncio.run(read_topic(broker.bootstrap, settings.deadletter_topic, expect=malformed, idle_s=2))
+        if len(distinct) < n_valid:  # say which input records are missing, and where the group's offsets stand
+            inputs = asyncio.run(read_topic(broker.bootstrap, settings.positions_topic, expect=len(records), idle_s=3))
+            committed_now = asyncio.run(
+                committed_offsets(broker.bootstrap, settings.app_id, settings.positions_topic, 4))
+            pytest.fail(
+                f"{len(distinct)} of {n_valid} event ids after 240 s; missing by input partition: "
+                f"{missing_report(inputs, distinct, dead)}; committed at the kill: {committed_at_kill}, now: "
+                f"{committed_now}; status: {restarted.status()}; worker2 log tail: {restarted.log_tail(1500)}"
+            )
     finally:
         restarted.stop()
     check_outputs(enriched, dead, valid, malformed)
