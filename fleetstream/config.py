@@ -124,6 +124,14 @@ class Settings:
     timer_interval_s: float = _opt(
         1.0, "How often the worker checks timers (offline devices, held fixes, timed alert conditions)", min=0.05
     )
+    alert_lateness_s: float = _opt(
+        30.0, "Alert deadlines (offline, durations met on held values) fire from the timer once the partition's "
+        "event time is this far past them, so fixes uploaded that late still count", min=0,
+    )
+    alert_idle_s: float = _opt(
+        10.0, "A partition without input this long (wall time) follows the worker's event clock, which runs on with "
+        "the wall clock once no input arrives at all", min=0.1,
+    )
     max_geofence_vertices: int = _opt(10_000, "Geofences with more vertices are refused", min=4)
     # --- aggregation (event-time windows) ----------------------------------------------------------------
     aggregation_enabled: bool = _opt(

@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 from collections import ChainMap, Counter
-from collections.abc import Awaitable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from fleetstream.config import Settings
 from fleetstream.domain.alerts import AlertEngine
+from fleetstream.domain.eventclock import EventClock
 from fleetstream.domain.models import DeviceState
 from fleetstream.domain.nearby import NearbyIndex
 from fleetstream.domain.signals import DeviceSignals, active_alerts
@@ -169,6 +170,9 @@ class PositionWorker:
         # alert-engine deadlines of this worker's devices: (due_ms, device, partition), stale entries skipped
         self._deadlines: list[tuple[int, str, int]] = []
         self._deadlines_stale = True
+        # the deadlines are event times: they fire when the partition's event time has passed them (by
+        # alert_lateness_s), not the wall clock, which is far ahead on a replay or backlog (see EventClock)
+        self.clock = EventClock(round(settings.alert_lateness_s * 1000), round(settings.alert_idle_s * 1000))
         # with a reorder window: when each device's held fixes have waited the whole window
         self._held_deadlines: list[tuple[int, str, int]] = []
         self.stats = PipelineStats()
@@ -268,6 +272,9 @@ class PositionWorker:
         for record in records:
             self._next_offsets[(record.topic, record.partition)] = record.offset + 1
         output = self._process(records)
+        wall_ms = int(time.time() * 1000)
+        for partition, ts in output.newest_ts.items():
+            self.clock.observe(partition, min(ts, wall_ms), wall_ms)  # a clock running ahead would fire early
         await self._emit(output, events, started)
 
     async def on_timer(self) -> None:
@@ -280,8 +287,10 @@ class PositionWorker:
         while len(self._inflight) >= self.max_inflight:
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
         started = time.perf_counter()
+        watermark = self._watermarks()
         output = self.pipeline.tick(  # no await until its states are registered
-            self._due_now(), self._pending_signals, held_due=self._held_due_now(), pending=self._pending_states,
+            self._due_now(watermark), self._pending_signals, held_due=self._held_due_now(),
+            pending=self._pending_states, watermark=watermark,
         )
         if self.aggregation is not None and self.recovered():
             self.aggregation.on_timer(self._active_partitions(), output.records, output.agg_writes, output.on_acked)
@@ -388,6 +397,7 @@ class PositionWorker:
         )
         self._deadlines.clear()
         self._deadlines_stale = True
+        self.clock.forget()
         if self.pipeline is not None:
             self.pipeline.forget_applied_signals()
         if self.aggregation is not None:
@@ -451,13 +461,38 @@ class PositionWorker:
             if state.accepted:
                 self.nearby_index.update(device_id, state.lat, state.lon, state.ts_ms, state.h3)
 
-    def _due_now(self) -> list[tuple[int, str]]:
-        """(partition, device) pairs whose alert deadline has passed; rebuilt from the store after a rebalance."""
+    def _watermarks(self) -> Callable[[int], int | None]:
+        """Per partition, the event time its alert deadlines may fire up to now (asked once per partition)."""
+        wall_ms = int(time.time() * 1000)
+        marks: dict[int, int | None] = {}
+
+        def watermark(partition: int) -> int | None:
+            if partition not in marks:
+                marks[partition] = self.clock.watermark(partition, wall_ms)
+            return marks[partition]
+        return watermark
+
+    def _due_now(self, watermark: Callable[[int], int | None]) -> list[tuple[int, str]]:
+        """(partition, device) pairs whose alert deadline the partition's watermark has passed; rebuilt from the
+        store after a rebalance."""
         if self.signals is None or not self.recovered():
             return []
         if self._deadlines_stale:
             self._rebuild_deadlines()
-        return self._pop_due(self._deadlines, int(time.time() * 1000))
+        heap = self._deadlines
+        newest = max((w for w in map(watermark, self._active_partitions()) if w is not None), default=None)
+        due: dict[str, int] = {}
+        later = []
+        while heap and newest is not None and heap[0][0] <= newest:
+            entry = heapq.heappop(heap)
+            mark = watermark(entry[2])
+            if mark is not None and entry[0] <= mark:
+                due[entry[1]] = entry[2]
+            else:  # due by another partition's clock, not yet by its own
+                later.append(entry)
+        for entry in later:
+            heapq.heappush(heap, entry)
+        return [(partition, device_id) for device_id, partition in due.items()]
 
     def _held_due_now(self) -> list[tuple[int, str]]:
         """(partition, device) pairs whose held fixes have waited the reorder window (rebuilt with the alert
@@ -471,10 +506,19 @@ class PositionWorker:
         return self._pop_due(self._held_deadlines, int(time.time() * 1000))
 
     def _rebuild_deadlines(self) -> None:
+        """The deadline heaps from the stores, and the event clock from the times they hold (a restarted worker
+        whose devices are all silent still has a clock to fire their deadlines by)."""
         assert self.signals is not None
         deadlines = []
+        wall_ms = int(time.time() * 1000)
+        clock = self.clock
+        self._ensure_directory()
+        for partition, state in self.directory.values():
+            clock.restore(partition, min(state.ts_ms, wall_ms), wall_ms)
         for partition, _, value in self._active_items(self.signals):
             signal = DeviceSignals.from_json(orjson.loads(value))
+            if signal.telemetry_ts_ms is not None:
+                clock.restore(partition, min(signal.telemetry_ts_ms, wall_ms), wall_ms)
             if signal.alerts is not None and signal.alerts.due_ms is not None:
                 deadlines.append((signal.alerts.due_ms, signal.device_id, partition))
         for device_id, (partition, signal) in self._pending_signals.items():

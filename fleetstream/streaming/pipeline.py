@@ -77,6 +77,8 @@ class BatchOutput:
     deadlettered: Counter[str] = field(default_factory=Counter)
     filtered: Counter[str] = field(default_factory=Counter)
     fix_ts_ms: list[int] = field(default_factory=list)  # accepted fixes' event times, for the lag histogram
+    # input partition -> newest event time among its fixes and readings (the worker's alert timer runs on it)
+    newest_ts: dict[int, int] = field(default_factory=dict)
     new_states: dict[str, tuple[int, DeviceState]] = field(default_factory=dict)  # device -> (partition, state)
     transitions: Counter[str] = field(default_factory=Counter)  # geofence events by type
     telemetry: int = 0  # telemetry readings in (accepted or dead-lettered)
@@ -103,6 +105,8 @@ class BatchOutput:
         self.deadlettered.update(other.deadlettered)
         self.filtered.update(other.filtered)
         self.fix_ts_ms.extend(other.fix_ts_ms)
+        for partition, ts in other.newest_ts.items():
+            self.saw(partition, ts)
         self.new_states.update(other.new_states)
         self.transitions.update(other.transitions)
         self.telemetry += other.telemetry
@@ -116,6 +120,12 @@ class BatchOutput:
         self.on_acked.extend(other.on_acked)
         self.late_aggregate += other.late_aggregate
         self.cells_published += other.cells_published
+
+    def saw(self, partition: int, ts_ms: int) -> None:
+        """An input of ``partition`` with event time ``ts_ms`` (see ``newest_ts``)."""
+        newest = self.newest_ts.get(partition)
+        if newest is None or ts_ms > newest:
+            self.newest_ts[partition] = ts_ms
 
 
 @dataclass(slots=True)
@@ -296,11 +306,16 @@ class PositionPipeline:
         deadletters_before = len(out.records)
         accepted: list[tuple[InRecord, int, Position]] = []
         for record in records:
+            newest = None
             for index, item in enumerate(decode_positions(record.key, record.value, now_ms=now_ms, limits=self.limits)):
                 if isinstance(item, DecodeError):
                     out.records.append(self._deadletter(out, record, index, item, now_ms))
                 else:
                     accepted.append((record, index, item))
+                    if newest is None or item.ts_ms > newest:
+                        newest = item.ts_ms
+            if newest is not None:
+                out.saw(record.partition, newest)
         out.fixes = len(accepted) + len(out.records) - deadletters_before
         if not accepted:
             return
@@ -504,6 +519,7 @@ class PositionPipeline:
                     out.records.append(self._deadletter(out, record, index, item, now_ms))
                     continue
                 reading: Telemetry = item
+                out.saw(record.partition, reading.ts_ms)
                 current = signals.get(record.partition, reading.device_id)
                 base = current if current is not None else DeviceSignals(reading.device_id)
                 updated = base.with_telemetry(reading.ts_ms, reading.metrics)
@@ -520,10 +536,15 @@ class PositionPipeline:
         self, due: Sequence[tuple[int, str]], pending_signals: Mapping[str, tuple[int, DeviceSignals]] | None = None,
         now_ms: int | None = None, held_due: Sequence[tuple[int, str]] = (),
         pending: Mapping[str, tuple[int, DeviceState]] | None = None,
+        watermark: Callable[[int], int | None] | None = None,
     ) -> BatchOutput:
         """Timer work for the ``(partition, device)`` pairs due by now: the alert engine's deadlines (offline
         devices, durations met on held values, schedule boundaries) and, with a reorder window, fixes held for
-        the whole window (a device gone silent must not keep them forever)."""
+        the whole window (a device gone silent must not keep them forever).
+
+        ``watermark(partition)``: the event time the partition's alert deadlines may fire up to (None: not
+        known yet, nothing fires); without it, ``now_ms``. Held fixes wait on ``now_ms`` (the reorder window is
+        wall time: how long to wait for stragglers)."""
         out = BatchOutput()
         engine = self.alert_engine()
         if engine is not None and not len(engine.ruleset):
@@ -549,10 +570,13 @@ class PositionPipeline:
             self._write_states(out)
         if engine is not None:
             for partition, device_id in due:
+                fire_to = now_ms if watermark is None else watermark(partition)
+                if fire_to is None:
+                    continue
                 current = signals.get(partition, device_id)
                 if current is None or current.alerts is None:
                     continue
-                after, alerts = engine.tick(current.alerts, device_id, now_ms)
+                after, alerts = engine.tick(current.alerts, device_id, fire_to)
                 if after is not current.alerts:
                     signals.put(partition, device_id, current, alerts=after)
                 self._emit_alerts(out, partition, alerts)

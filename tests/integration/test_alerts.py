@@ -98,7 +98,8 @@ def keyset(alerts: list[dict]) -> set[tuple[str, str, str]]:
 
 
 def test_scripted_incidents_give_exactly_the_expected_alerts(broker, prefix, tmp_path: Path):
-    settings = worker_settings(broker.url, prefix, tmp_path, partitions=2, timer_interval_s=0.5)
+    settings = worker_settings(broker.url, prefix, tmp_path, partitions=2, timer_interval_s=0.5,
+                               alert_lateness_s=1, alert_idle_s=2)
     rules_path = tmp_path / "rules.yaml"
     now_ms = int(time.time() * 1000)
     truck_start = now_ms // MINUTE * MINUTE - 20 * MINUTE
@@ -220,6 +221,37 @@ def test_scripted_incidents_give_exactly_the_expected_alerts(broker, prefix, tmp
     assert parse_ts(cleared["cold-chain"]["ts"]) == NIGHT + 22 * MINUTE  # below 7 °C since minute 20, for 2 min
     assert parse_ts(cleared["restock"]["ts"]) == NIGHT + 10 * MINUTE
     assert parse_ts(cleared["offline"]["ts"]) == back_ms
+
+
+def test_a_backlog_is_judged_by_its_own_times_not_the_wall_clock(broker, prefix, tmp_path: Path):
+    """Fixes an hour old (a backlog, a gateway's late upload): a truck over the limit for 5 s, then under it. The
+    worker's timer must not raise the 10 s overspeed from the wall clock, which is long past the deadline while
+    the fix that ends it is still to be read; once the truck speeds again and goes silent, the timer raises it at
+    its deadline in event time, when the partition's clock (run on by the wall clock once input stops) passes."""
+    settings = worker_settings(broker.url, prefix, tmp_path, partitions=1, timer_interval_s=0.1,
+                               alert_lateness_s=1, alert_idle_s=2)
+    rules_path = tmp_path / "rules.yaml"
+    rules_path.write_text("rules:\n  - {id: fast, kind: overspeed, severity: major, limit_kmh: 100, for: 10s}\n")
+    assert cli(settings, "rules", "load", str(rules_path)).returncode == 0
+    start = int(time.time() * 1000) // 1000 * 1000 - 3_600_000
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    try:
+        asyncio.run(produce(broker.bootstrap, settings.positions_topic, [fix("truck-9", start, 52.0, 4.0, 130.0)]))
+        deadline = time.monotonic() + 60
+        while worker.status()["enriched"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert worker.status()["enriched"] == 1
+        time.sleep(3)  # ~30 timer ticks, each with the wall clock an hour past the overspeed's deadline
+        asyncio.run(produce(broker.bootstrap, settings.positions_topic,
+                            [fix("truck-9", start + 5_000, 52.0, 4.001, 60.0)]))
+        time.sleep(2)
+        assert alerts_of(settings) == []
+        asyncio.run(produce(broker.bootstrap, settings.positions_topic,
+                            [fix("truck-9", start + 60_000, 52.0, 4.01, 130.0)]))
+        got = wait_for_alerts(settings, lambda got: len(got) >= 1, timeout_s=60)
+    finally:
+        worker.stop()
+    assert [(a["rule"], a["state"], parse_ts(a["ts"])) for a in got] == [("fast", "raised", start + 70_000)]
 
 
 def test_worker_refuses_a_bad_rules_file(broker, prefix, tmp_path: Path):

@@ -124,3 +124,58 @@ def test_the_mirror_is_read_instead_of_the_store_and_forgotten_on_a_rebalance():
     assert again.enriched == 3 and device in again.new_signals
     pipeline.forget_applied_signals()
     assert pipeline.applied_signals == {}
+
+
+def fix_record(device: str, offset: int, partition: int, *fixes: tuple[int, float]) -> InRecord:
+    body = [{"device_id": device, "ts": format_ts(ts), "lat": 53.4, "lon": -2.98, "speed_kmh": speed}
+            for ts, speed in fixes]
+    return InRecord("fleet.positions", partition, offset, device.encode(), orjson.dumps(body))
+
+
+def test_a_batch_reports_the_newest_event_time_of_each_partition():
+    cfg = Settings.load(env={})
+    pipeline = PositionPipeline(cfg, Store(), changelog_topic="state", clock_ms=lambda: CLOCK_MS)
+    out = pipeline.process([
+        fix_record("veh-1", 0, 0, (START_MS + 4_000, 10.0), (START_MS + 9_000, 10.0), (START_MS + 6_000, 10.0)),
+        fix_record("veh-2", 1, 0, (START_MS + 7_000, 10.0)),
+        fix_record("veh-3", 2, 2, (START_MS + 1_000, 10.0)),
+        InRecord(cfg.telemetry_topic, 1, 3, b"veh-4", orjson.dumps(
+            {"device_id": "veh-4", "ts": format_ts(START_MS + 5_000), "metrics": {"fuel_pct": 50}})),
+        InRecord("fleet.positions", 1, 4, b"veh-5", b"not json"),  # dead-lettered: no event time
+    ])
+    assert out.newest_ts == {0: START_MS + 9_000, 2: START_MS + 1_000, 1: START_MS + 5_000}
+    merged = BatchOutput()
+    merged.merge(out)
+    merged.merge(BatchOutput(newest_ts={0: START_MS + 1, 3: START_MS + 2}))
+    assert merged.newest_ts == {0: START_MS + 9_000, 2: START_MS + 1_000, 1: START_MS + 5_000, 3: START_MS + 2}
+
+
+def test_timer_deadlines_fire_by_the_partitions_watermark_not_the_wall_clock():
+    """A backlog: the wall clock is hours past the fixes. The overspeed pending since the first fix must not be
+    raised by the timer while the partition's event time has not passed its deadline (the next fixes, still to
+    be read, may end it), and is raised at its deadline once the watermark passes it."""
+    cfg = Settings.load(env={})
+    engine = AlertEngine(parse_rules(RULES))
+    signals = Store()
+    pipeline = PositionPipeline(cfg, Store(), changelog_topic="state", signals=signals,
+                                signals_changelog_topic="signals", alert_engine=lambda: engine,
+                                clock_ms=lambda: CLOCK_MS)
+
+    def applied(out: BatchOutput) -> BatchOutput:
+        for _, key, value in out.signal_writes:
+            signals[key] = value
+        return out
+
+    applied(pipeline.process([fix_record("veh-1", 0, 1, (START_MS, 50.0), (START_MS + 5_000, 80.0))]))
+    due = [(1, "veh-1")]
+    wall = START_MS + 3 * 3_600_000
+
+    def raised(out: BatchOutput) -> list[tuple[str, str]]:
+        return [(a["rule"], a["ts"]) for a in (orjson.loads(r.value) for r in out.records
+                                               if r.topic == cfg.alerts_topic) if a["state"] == "raised"]
+
+    assert raised(applied(pipeline.tick(due, now_ms=wall, watermark=lambda p: None))) == []
+    assert raised(applied(pipeline.tick(due, now_ms=wall, watermark=lambda p: START_MS + 15_000))) == []
+    fired = raised(applied(pipeline.tick(due, now_ms=wall, watermark=lambda p: START_MS + 40_000)))
+    # t40 (> 40 for 20 s) since the first fix, fast (> 70 for 30 s) since the second; t60 (1 min) not yet
+    assert fired == [("t40", format_ts(START_MS + 20_000)), ("fast", format_ts(START_MS + 35_000))]
