@@ -48,6 +48,7 @@ import orjson
 from benchmarks.throughput import BARE, make_messages, make_rules, work
 from fleetstream.codecs import decode_positions, dumps, format_ts
 from fleetstream.config import Settings
+from fleetstream.domain.eventclock import EventClock
 from fleetstream.domain.filters import FilterConfig
 from fleetstream.domain.geoindex import GeofenceIndex
 from fleetstream.domain.tracking import TrackingConfig, step_position
@@ -285,7 +286,7 @@ def worker_like(settings: Settings, records: list[InRecord], index: GeofenceInde
                 now_ms: int, batch: int, tick_every: int, partitions: int) -> None:
     """The batches as the worker runs them: device state and device signals read back from their stores (the
     signals also from the pipeline's mirror of what it applied), the cell partials fed back in as input, and the
-    alert timer ticking on the wall clock (the fixes are in the past: offline rules raise, as end to end)."""
+    alert timer ticking on each partition's event clock (as the worker's: fed the batches' newest event times)."""
     state, signals = DictState(), DictState()
     aggregation = Aggregation(settings, items=lambda name: iter(()), sources=partitions) \
         if settings.aggregation_enabled else None
@@ -294,6 +295,7 @@ def worker_like(settings: Settings, records: list[InRecord], index: GeofenceInde
                             signals_changelog_topic="signals-changelog", aggregation=aggregation)
     deadlines: list[tuple[int, str, int]] = []
     partials: list[InRecord] = []
+    clock = EventClock(round(settings.alert_lateness_s * 1000), round(settings.alert_idle_s * 1000))
 
     def applied(out: BatchOutput) -> None:  # what the worker does once a batch's outputs are acknowledged
         for _, key, value in out.state_writes:
@@ -311,14 +313,25 @@ def worker_like(settings: Settings, records: list[InRecord], index: GeofenceInde
         out = pipe.process(records[i : i + batch] + partials)
         partials = [InRecord(r.topic, r.partition, 0, r.key, r.value) for r in out.records
                     if r.topic == settings.cell_partials_topic]
+        wall_ms = int(time.time() * 1000)
+        for partition, ts in out.newest_ts.items():
+            clock.observe(partition, min(ts, wall_ms), wall_ms)
         applied(out)
         if tick_every and n % tick_every == tick_every - 1:
-            wall_ms = int(time.time() * 1000)
+            marks = {p: clock.watermark(p, wall_ms) for p in range(partitions)}
+            newest = max((m for m in marks.values() if m is not None), default=None)
             due: dict[str, int] = {}
-            while deadlines and deadlines[0][0] <= wall_ms:
-                _, device_id, partition = heapq.heappop(deadlines)
-                due[device_id] = partition
-            applied(pipe.tick([(p, d) for d, p in due.items()], now_ms=wall_ms))
+            later = []
+            while deadlines and newest is not None and deadlines[0][0] <= newest:
+                entry = heapq.heappop(deadlines)
+                mark = marks.get(entry[2])
+                if mark is not None and entry[0] <= mark:
+                    due[entry[1]] = entry[2]
+                else:
+                    later.append(entry)
+            for entry in later:
+                heapq.heappush(deadlines, entry)
+            applied(pipe.tick([(p, d) for d, p in due.items()], now_ms=wall_ms, watermark=marks.get))
 
 
 # --- main --------------------------------------------------------------------------------------------------------
