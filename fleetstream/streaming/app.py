@@ -325,7 +325,15 @@ class PositionWorker:
         messages = [event.message for event in events]
         for message in messages:
             message.incref()
-        acknowledged = await self.output.send(output.records)
+        # in flight from here: drain() (before a rebalance) must wait for a batch still being put on the wire too,
+        # or it would clear the pending states and reset the aggregation under it
+        sending: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight.add(sending)
+        try:
+            acknowledged = await self.output.send(output.records)
+        finally:
+            self._inflight.discard(sending)
+            sending.set_result(None)
         task = asyncio.ensure_future(self._complete(seq, output, acknowledged, events, started))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
