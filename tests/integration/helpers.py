@@ -43,6 +43,7 @@ class WorkerProcess:
 
     settings: Settings
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (e.g. slow_seek_env())
     process: subprocess.Popen | None = field(default=None, init=False)
 
     @property
@@ -50,7 +51,7 @@ class WorkerProcess:
         return f"http://127.0.0.1:{self.settings.web_port}"
 
     def start(self, timeout_s: float = 60) -> WorkerProcess:
-        env = {**os.environ, **settings_env(self.settings)}
+        env = {**os.environ, **self.env, **settings_env(self.settings)}
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "fleetstream", "worker"], env=env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -87,6 +88,15 @@ class WorkerProcess:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
+
+
+def slow_seek_env(delay_s: float) -> dict[str, str]:
+    """Environment for a WorkerProcess whose seek to the committed offsets (end of table recovery) takes
+    ``delay_s`` longer, as on a loaded broker: see ``slow_seek/sitecustomize.py``."""
+    path = str(Path(__file__).parent / "slow_seek")
+    inherited = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": path + (os.pathsep + inherited if inherited else ""),
+            "FLEETSTREAM_TEST_SLOW_SEEK_S": str(delay_s)}
 
 
 def worker_settings(broker_url: str, prefix: str, tmp: Path, **overrides: object) -> Settings:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
+import threading
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -14,12 +17,14 @@ import pytest
 from fleetstream.codecs import validate_output
 from fleetstream.config import Settings
 from fleetstream.domain.geo import haversine_m
+from fleetstream.embedded import free_port
 from tests.integration.helpers import (
     WorkerProcess,
     committed_offsets,
     missing_report,
     produce,
     read_topic,
+    slow_seek_env,
     wait_for_count,
     worker_settings,
 )
@@ -163,7 +168,62 @@ def test_every_record_accounted_for_and_enriched(broker, prefix, tmp_path: Path)
         assert r.partition == e["source"]["partition"]
 
 
-def test_sigkill_and_restart_loses_nothing(broker, prefix, tmp_path: Path):
+def wait_for_every_event(settings: Settings, bootstrap: str, records: list, n_valid: int, malformed: int,
+                         workers: list[WorkerProcess], context: str, timeout_s: float = 240):
+    """Enriched and dead-lettered records once every valid event id is there (or fail, saying what is missing).
+
+    Waits for distinct event ids, not a record count: a replay's duplicates can reach the count while the rest is
+    still to come (e.g. behind the rebalance when a killed member's session expires)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        enriched = asyncio.run(read_topic(bootstrap, settings.enriched_topic, expect=n_valid, idle_s=4))
+        distinct = {orjson.loads(r.value)["event_id"] for r in enriched if r.value}
+        if len(distinct) >= n_valid or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    dead = asyncio.run(read_topic(bootstrap, settings.deadletter_topic, expect=malformed, idle_s=2))
+    if len(distinct) < n_valid:  # say which input records are missing, and where the group's offsets stand
+        inputs = asyncio.run(read_topic(bootstrap, settings.positions_topic, expect=len(records), idle_s=3))
+        committed_now = asyncio.run(committed_offsets(bootstrap, settings.app_id, settings.positions_topic, 4))
+        pytest.fail(
+            f"{len(distinct)} of {n_valid} event ids after {timeout_s:.0f} s; missing by input partition: "
+            f"{missing_report(inputs, distinct, dead)}; {context}; committed now: {committed_now}; "
+            + "; ".join(f"log tail of {w.log_path.name}: {w.log_tail(1500)}" for w in workers)
+        )
+    return enriched, dead
+
+
+def assert_commits_reach_the_ends(settings: Settings, bootstrap: str, n_records: int, workers: list[WorkerProcess],
+                                  context: str, timeout_s: float = 45) -> None:
+    """Once every input record is processed, the group's committed offset of every input partition reaches the
+    partition's end (counted by reading the topic, never by end offsets). Faust commits on an interval: poll.
+
+    Without faust_fixes, a worker that restored its tables from the changelogs was seen committing a few offsets
+    past where the previous owner had, then creeping one offset per commit (a later restart replays almost
+    everything), and committing records it had dropped unprocessed."""
+    inputs = asyncio.run(read_topic(bootstrap, settings.positions_topic, expect=n_records, idle_s=3))
+    assert len(inputs) == n_records
+    ends = {p: 1 + max(r.offset for r in inputs if r.partition == p) for p in range(4)}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        committed_now = asyncio.run(committed_offsets(bootstrap, settings.app_id, settings.positions_topic, 4))
+        if committed_now == ends or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert committed_now == ends, (
+        f"committed offsets {committed_now} do not reach the input ends {ends} {timeout_s:.0f} s after every event "
+        f"was processed; {context}; "
+        + "; ".join(f"log tail of {w.log_path.name}: {w.log_tail(1500)}" for w in workers)
+    )
+
+
+@pytest.mark.parametrize("case", ["kept", "lost", "lost_uncommitted"])
+def test_sigkill_and_restart_loses_nothing(broker, prefix, tmp_path: Path, case: str):
+    """SIGKILL part-way through, then a new worker: on the same machine (its RocksDB state kept), or on another
+    one (``lost``: the data dir is gone, so every table is restored from its changelog while input records wait),
+    there also with the first worker killed before its group's first commit (``lost_uncommitted``).
+    The new worker's seek to the committed offsets is slowed down, as on a loaded machine: records fetched before
+    it completes must neither be lost nor hold the group's offsets back."""
     settings = worker_settings(broker.url, prefix, tmp_path, partitions=4, batch_max=200)
     records, valid, malformed = make_stream(20_000, devices=40, malformed_share=0.02, seed=11)
     n_valid = sum(len(v) for v in valid.values())
@@ -171,37 +231,67 @@ def test_sigkill_and_restart_loses_nothing(broker, prefix, tmp_path: Path):
     try:
         asyncio.run(produce(broker.bootstrap, settings.positions_topic, records))
         # kill it once it is part-way through
-        import time
-
         deadline = time.monotonic() + 60
-        while worker.status()["fixes_in"] < (n_valid + malformed) // 4 and time.monotonic() < deadline:
+        kill_at = (n_valid + malformed) // (40 if case == "lost_uncommitted" else 4)
+        while worker.status()["fixes_in"] < kill_at and time.monotonic() < deadline:
             time.sleep(0.05)
         assert worker.status()["fixes_in"] < n_valid + malformed, "worker finished before the kill"
     finally:
         worker.kill()
-    # where the killed worker left its group (for the failure report below)
+    # where the killed worker left its group (for the failure reports)
     committed_at_kill = asyncio.run(committed_offsets(broker.bootstrap, settings.app_id, settings.positions_topic, 4))
-    restarted = WorkerProcess(settings, tmp_path / "worker2.log").start()
+    context = f"committed at the kill: {committed_at_kill}"
+    if case == "lost_uncommitted":  # (Faust commits every 2.8 s: the kill came first)
+        assert set(committed_at_kill.values()) == {None}, context
+    if case.startswith("lost"):
+        shutil.rmtree(settings.data_dir)
+    restarted = WorkerProcess(settings, tmp_path / "worker2.log", env=slow_seek_env(2.0)).start()
     try:
-        # Wait for every distinct event id, not a record count: the replay's duplicates can reach the count while
-        # the rest is still to come (e.g. behind the rebalance when the killed member's session expires).
-        deadline = time.monotonic() + 240
-        while True:
-            enriched = asyncio.run(read_topic(broker.bootstrap, settings.enriched_topic, expect=n_valid, idle_s=4))
-            distinct = {orjson.loads(r.value)["event_id"] for r in enriched if r.value}
-            if len(distinct) >= n_valid or time.monotonic() > deadline:
-                break
-            time.sleep(2)
-        dead = asyncio.run(read_topic(broker.bootstrap, settings.deadletter_topic, expect=malformed, idle_s=2))
-        if len(distinct) < n_valid:  # say which input records are missing, and where the group's offsets stand
-            inputs = asyncio.run(read_topic(broker.bootstrap, settings.positions_topic, expect=len(records), idle_s=3))
-            committed_now = asyncio.run(
-                committed_offsets(broker.bootstrap, settings.app_id, settings.positions_topic, 4))
-            pytest.fail(
-                f"{len(distinct)} of {n_valid} event ids after 240 s; missing by input partition: "
-                f"{missing_report(inputs, distinct, dead)}; committed at the kill: {committed_at_kill}, now: "
-                f"{committed_now}; status: {restarted.status()}; worker2 log tail: {restarted.log_tail(1500)}"
-            )
+        enriched, dead = wait_for_every_event(settings, broker.bootstrap, records, n_valid, malformed, [restarted],
+                                              context)
+        assert_commits_reach_the_ends(settings, broker.bootstrap, len(records), [restarted], context)
     finally:
         restarted.stop()
+    check_outputs(enriched, dead, valid, malformed)
+
+
+def test_workers_taking_over_from_each_other_lose_nothing(broker, prefix, tmp_path: Path):
+    """Records keep coming while a second worker joins (the first one's partitions are revoked mid-batch and split
+    between them), then the first one stops and the second takes everything over; both restore tables from
+    changelogs and seek slowly. Every event is processed and the committed offsets reach every partition's end."""
+    settings_a = worker_settings(broker.url, prefix, tmp_path, partitions=4, batch_max=200)
+    settings_b = settings_a.with_overrides(web_port=(port := free_port()), advertised_url=f"http://127.0.0.1:{port}",
+                                           data_dir=str(tmp_path / "b-data"))
+    records, valid, malformed = make_stream(20_000, devices=40, malformed_share=0.02, seed=13)
+    n_valid = sum(len(v) for v in valid.values())
+
+    def produce_paced() -> None:  # a minute of traffic, in order
+        for i in range(0, len(records), 250):
+            asyncio.run(produce(broker.bootstrap, settings_a.positions_topic, records[i:i + 250]))
+            time.sleep(0.75)
+
+    traffic = threading.Thread(target=produce_paced, daemon=True)
+    a = WorkerProcess(settings_a, tmp_path / "a.log", env=slow_seek_env(2.0)).start()
+    b = None
+    try:
+        traffic.start()
+        deadline = time.monotonic() + 60
+        while a.status()["fixes_in"] < 1000 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        b = WorkerProcess(settings_b, tmp_path / "b.log", env=slow_seek_env(2.0)).start()
+        deadline = time.monotonic() + 120  # until b owns partitions and has processed some of them
+        while b.status()["fixes_in"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert b.status()["fixes_in"] > 0, b.log_tail()
+        assert traffic.is_alive(), "all records were produced before the second worker took partitions over"
+        a.stop()  # b takes over a's partitions
+        traffic.join(timeout=120)
+        context = "a second worker joined, then the first one stopped"
+        enriched, dead = wait_for_every_event(settings_a, broker.bootstrap, records, n_valid, malformed, [a, b],
+                                              context)
+        assert_commits_reach_the_ends(settings_a, broker.bootstrap, len(records), [a, b], context)
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
     check_outputs(enriched, dead, valid, malformed)

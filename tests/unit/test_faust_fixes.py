@@ -1,0 +1,103 @@
+"""faust_fixes: exact acknowledgement bookkeeping for the app's own input topics, Faust's for the others."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+from faust.types import TP
+from intervaltree import IntervalTree
+
+from fleetstream.streaming import faust_fixes
+
+OWN = TP("fleet.positions", 0)
+OTHER = TP("someone.elses.topic", 0)
+
+
+class FakeConsumer:
+    """The state Faust's Consumer keeps per partition, and a log start for ``earliest_offsets``."""
+
+    def __init__(self, committed: int | None, log_start: int = 0) -> None:
+        self.app = SimpleNamespace()
+        faust_fixes.install(self.app, [OWN.topic])
+        self._acked: defaultdict = defaultdict(list)
+        self._acked_index: defaultdict = defaultdict(set)
+        self._gap: defaultdict = defaultdict(IntervalTree)
+        self._committed_offset: defaultdict = defaultdict(lambda: None)
+        self._committed_offset[OWN] = self._committed_offset[OTHER] = committed
+        self.log_start = log_start
+
+    def ack(self, tp: TP, *offsets: int) -> None:  # as Consumer.ack: one entry per acknowledgement
+        for offset in offsets:
+            self._acked[tp].append(offset)
+            self._acked_index[tp].add(offset)
+
+    async def earliest_offsets(self, *tps: TP) -> dict[TP, int]:
+        return {tp: self.log_start for tp in tps}
+
+    def new_offset(self, tp: TP) -> int | None:
+        return faust_fixes._new_offset(self, tp)
+
+    def add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        asyncio.run(faust_fixes._add_gap(self, tp, offset_from, offset_to))
+
+
+def test_duplicate_acknowledgements_do_not_hold_the_commit_back():
+    c = FakeConsumer(committed=100)
+    c.ack(OWN, *range(100, 111))
+    c._acked[OWN].extend(range(101, 106))  # offsets counted twice (as a gap once, then processed)
+    assert c.new_offset(OWN) == 111
+    assert c._acked[OWN] == [] and not c._acked_index[OWN]
+
+
+def test_an_unprocessed_record_right_after_the_committed_offset_holds_the_commit():
+    c = FakeConsumer(committed=100)
+    c.ack(OWN, *range(101, 111))  # 100 is still being processed
+    assert c.new_offset(OWN) is None
+    c.ack(OWN, 100)
+    assert c.new_offset(OWN) == 111
+
+
+def test_a_run_stops_at_the_first_unprocessed_record():
+    c = FakeConsumer(committed=100)
+    c.ack(OWN, 100, 101, 102, 104, 105)
+    assert c.new_offset(OWN) == 103
+    c._committed_offset[OWN] = 103
+    assert c.new_offset(OWN) is None
+    c.ack(OWN, 103)
+    assert c.new_offset(OWN) == 106
+
+
+def test_a_jump_in_the_fetched_offsets_counts_nothing_that_still_exists_as_done():
+    c = FakeConsumer(committed=100, log_start=0)
+    c.add_gap(OWN, 101, 1109)  # the fetch loop's view after a seek back to 100 mid-batch
+    assert not c._gap[OWN]
+    c.ack(OWN, *range(1109, 1120))
+    assert c.new_offset(OWN) is None  # 100..1108 must be processed first
+
+
+def test_records_removed_by_retention_are_counted_as_done():
+    c = FakeConsumer(committed=100, log_start=500)
+    c.add_gap(OWN, 101, 500)  # aiokafka reset to the log start: 100..499 are gone
+    c.ack(OWN, *range(500, 511))
+    assert c.new_offset(OWN) == 511
+
+
+def test_before_the_first_commit_the_lowest_run_is_committed():
+    c = FakeConsumer(committed=None)
+    c.ack(OWN, 5, 6, 7, 9)
+    assert c.new_offset(OWN) == 8
+
+
+@pytest.mark.parametrize("case", ["off_by_one", "duplicates"])
+def test_other_topics_keep_fausts_bookkeeping(case):
+    c = FakeConsumer(committed=100)
+    if case == "off_by_one":
+        c.ack(OTHER, *range(101, 111))
+        assert c.new_offset(OTHER) == 111  # Faust's: 100 was never acknowledged
+    else:
+        c.ack(OTHER, *range(100, 111))
+        c._acked[OTHER].extend(range(101, 106))
+        assert c.new_offset(OTHER) == 102  # Faust's: stops at the first duplicate
