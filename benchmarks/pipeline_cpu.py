@@ -48,7 +48,7 @@ import orjson
 from benchmarks.throughput import BARE, make_messages, make_rules, work
 from fleetstream.codecs import decode_positions, dumps, format_ts
 from fleetstream.config import Settings
-from fleetstream.domain.eventclock import EventClock
+from fleetstream.domain.eventclock import EventClock, pop_due
 from fleetstream.domain.filters import FilterConfig
 from fleetstream.domain.geoindex import GeofenceIndex
 from fleetstream.domain.tracking import TrackingConfig, step_position
@@ -319,19 +319,8 @@ def worker_like(settings: Settings, records: list[InRecord], index: GeofenceInde
         applied(out)
         if tick_every and n % tick_every == tick_every - 1:
             marks = {p: clock.watermark(p, wall_ms) for p in range(partitions)}
-            newest = max((m for m in marks.values() if m is not None), default=None)
-            due: dict[str, int] = {}
-            later = []
-            while deadlines and newest is not None and deadlines[0][0] <= newest:
-                entry = heapq.heappop(deadlines)
-                mark = marks.get(entry[2])
-                if mark is not None and entry[0] <= mark:
-                    due[entry[1]] = entry[2]
-                else:
-                    later.append(entry)
-            for entry in later:
-                heapq.heappush(deadlines, entry)
-            applied(pipe.tick([(p, d) for d, p in due.items()], now_ms=wall_ms, watermark=marks.get))
+            due = pop_due(deadlines, marks.get, marks)
+            applied(pipe.tick(due, now_ms=wall_ms, watermark=marks.get))
 
 
 # --- main --------------------------------------------------------------------------------------------------------

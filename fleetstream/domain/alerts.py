@@ -1103,35 +1103,13 @@ class AlertEngine:
                 watch = _watch(plan, rules, fence_speed) if rules else plan.base_watch(fence_speed)
             watch = (geofences, fence_speed, watch[2], plan)
         new_rules = rules
-        changed: dict[int, list[_Machine]] | None = None  # watch entry -> rules whose state this fix changed
         due_full = False  # the earliest deadline may have gone: scan them all
-        get = values.get
-        for name, lo, hi, members, lows, highs, index in watch[2]:
-            v = get(name)
-            if v is None or lo <= v <= hi:
-                continue
-            for m, m_lo, m_hi in zip(members, lows, highs, strict=True):
-                if m_lo <= v <= m_hi:
-                    continue
-                old = new_rules.get(m.rid) if new_rules else None
-                new = m.on_position(old, ts_ms, values, geofences, device_id, alerts)
-                if new is not old:
-                    if new_rules is rules:
-                        new_rules = dict(rules) if rules else {}
-                    if new is None:
-                        del new_rules[m.rid]  # type: ignore[attr-defined]
-                    else:
-                        new_rules[m.rid] = new  # type: ignore[index]
-                    if changed is None:
-                        changed = {}
-                    changed.setdefault(index, []).append(m)
-                    old_due = m.deadline(old) if old is not None else None
-                    new_due = m.deadline(new) if new is not None else None
-                    if old_due != new_due:
-                        if old_due is not None and old_due == rules_due:
-                            due_full = True
-                        elif new_due is not None and (rules_due is None or new_due < rules_due):
-                            rules_due = new_due
+        owned = dict(rules) if rules else {}
+        moved = self._shift(owned, watch[2], fence_speed, rules_due, ts_ms, values, geofences, device_id, alerts)
+        if moved is not None:
+            new_rules = owned
+            watch = (geofences, fence_speed, moved[0], plan)
+            rules_due = moved[1]
         if plan.fences and (geofence_events or (geofences and not fences_known)):
             new_rules, fences_changed = self._geofences(plan, rules, new_rules, ts_ms, geofences, geofence_events,
                                                         device_id, alerts)
@@ -1154,8 +1132,6 @@ class AlertEngine:
                 else rules_due
             return _new_state(DeviceAlertState, (self.key, last_seen, due, rules_due, rules, None, motion, watch)), \
                 alerts
-        if changed is not None:
-            watch = _rewatch(watch, changed, new_rules, geofences)
         return self._finish(state, plan, rules, new_rules, ts_ms, values.get("motion"), device_id, alerts,
                             watch, _UNKNOWN if due_full else rules_due), alerts
 
@@ -1246,9 +1222,9 @@ class AlertEngine:
     def _shift(self, rules: dict[str, Any], bounds: tuple[WatchEntry, ...], fence_speed: SpeedLimit | None,
                rules_due: int | None, ts_ms: int, values: Mapping[str, Any], geofences: tuple[str, ...],
                subject: str, alerts: Out) -> tuple[tuple[WatchEntry, ...], int | None] | None:
-        """:meth:`on_position`'s rule pass for a fix with nothing else going on: the rules whose own interval
-        misses a value run; ``rules`` (the run's own copy) is updated in place. Returns the new watch bounds
-        and earliest deadline, or None when no rule state changed."""
+        """The rule pass of a fix (:meth:`on_position`'s, and :meth:`on_positions`' for a fix with nothing else
+        going on): the rules whose own interval misses a value run; ``rules`` (the caller's own copy) is updated
+        in place. Returns the new watch bounds and earliest deadline, or None when no rule state changed."""
         get = values.get
         entries: list[WatchEntry] | None = None
         due_full = False  # the earliest deadline may have gone: scan them all

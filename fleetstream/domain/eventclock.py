@@ -17,6 +17,9 @@ Pure: wall times are passed in, so it is tested without sleeping.
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Callable, Iterable
+
 
 class EventClock:
     """Watermarks of the partitions this worker holds (see the module doc)."""
@@ -76,3 +79,32 @@ class EventClock:
         if own is not None and own > clock:
             clock = own
         return clock - self.lateness_ms
+
+    def watermarks(self, wall_ms: int) -> Callable[[int], int | None]:
+        """``watermark`` at ``wall_ms`` as a function of the partition, each asked once (a timer tick's view)."""
+        marks: dict[int, int | None] = {}
+
+        def watermark(partition: int) -> int | None:
+            if partition not in marks:
+                marks[partition] = self.watermark(partition, wall_ms)
+            return marks[partition]
+        return watermark
+
+
+def pop_due(heap: list[tuple[int, str, int]], watermark: Callable[[int], int | None], partitions: Iterable[int]
+            ) -> list[tuple[int, str]]:
+    """(partition, key) of the heap's ``(due_ms, key, partition)`` entries that their own partition's watermark has
+    passed, once per key. Entries due only by another partition's clock go back on the heap."""
+    newest = max((w for w in map(watermark, partitions) if w is not None), default=None)
+    due: dict[str, int] = {}
+    later = []
+    while heap and newest is not None and heap[0][0] <= newest:
+        entry = heapq.heappop(heap)
+        mark = watermark(entry[2])
+        if mark is not None and entry[0] <= mark:
+            due[entry[1]] = entry[2]
+        else:
+            later.append(entry)
+    for entry in later:
+        heapq.heappush(heap, entry)
+    return [(partition, key) for key, partition in due.items()]

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from fleetstream.config import Settings
 from fleetstream.domain.alerts import AlertEngine
-from fleetstream.domain.eventclock import EventClock
+from fleetstream.domain.eventclock import EventClock, pop_due
 from fleetstream.domain.models import DeviceState
 from fleetstream.domain.nearby import NearbyIndex
 from fleetstream.domain.signals import DeviceSignals, active_alerts
@@ -288,7 +288,7 @@ class PositionWorker:
         while len(self._inflight) >= self.max_inflight:
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
         started = time.perf_counter()
-        watermark = self._watermarks()
+        watermark = self.clock.watermarks(int(time.time() * 1000))
         output = self.pipeline.tick(  # no await until its states are registered
             self._due_now(watermark), self._pending_signals, held_due=self._held_due_now(),
             pending=self._pending_states, watermark=watermark,
@@ -470,17 +470,6 @@ class PositionWorker:
             if state.accepted:
                 self.nearby_index.update(device_id, state.lat, state.lon, state.ts_ms, state.h3)
 
-    def _watermarks(self) -> Callable[[int], int | None]:
-        """Per partition, the event time its alert deadlines may fire up to now (asked once per partition)."""
-        wall_ms = int(time.time() * 1000)
-        marks: dict[int, int | None] = {}
-
-        def watermark(partition: int) -> int | None:
-            if partition not in marks:
-                marks[partition] = self.clock.watermark(partition, wall_ms)
-            return marks[partition]
-        return watermark
-
     def _due_now(self, watermark: Callable[[int], int | None]) -> list[tuple[int, str]]:
         """(partition, device) pairs whose alert deadline the partition's watermark has passed; rebuilt from the
         store after a rebalance."""
@@ -488,20 +477,7 @@ class PositionWorker:
             return []
         if self._deadlines_stale:
             self._rebuild_deadlines()
-        heap = self._deadlines
-        newest = max((w for w in map(watermark, self._active_partitions()) if w is not None), default=None)
-        due: dict[str, int] = {}
-        later = []
-        while heap and newest is not None and heap[0][0] <= newest:
-            entry = heapq.heappop(heap)
-            mark = watermark(entry[2])
-            if mark is not None and entry[0] <= mark:
-                due[entry[1]] = entry[2]
-            else:  # due by another partition's clock, not yet by its own
-                later.append(entry)
-        for entry in later:
-            heapq.heappush(heap, entry)
-        return [(partition, device_id) for device_id, partition in due.items()]
+        return pop_due(self._deadlines, watermark, self._active_partitions())
 
     def _held_due_now(self) -> list[tuple[int, str]]:
         """(partition, device) pairs whose held fixes have waited the reorder window (rebuilt with the alert

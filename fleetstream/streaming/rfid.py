@@ -29,7 +29,7 @@ from faust.types import TP, EventT
 
 from fleetstream.config import Settings
 from fleetstream.domain.assets import AssetState, Inventory, next_deadline
-from fleetstream.domain.eventclock import EventClock
+from fleetstream.domain.eventclock import EventClock, pop_due
 from fleetstream.observability.metrics import Metrics
 from fleetstream.streaming.app import TableState
 from fleetstream.streaming.output import BatchProducer
@@ -143,14 +143,7 @@ class RfidWorker:
         if self._stale:
             self._rebuild()
         started = time.perf_counter()
-        wall_ms = int(time.time() * 1000)
-        watermarks: dict[int, int | None] = {}
-
-        def watermark(partition: int) -> int | None:
-            if partition not in watermarks:
-                watermarks[partition] = self.clock.watermark(partition, wall_ms)
-            return watermarks[partition]
-
+        watermark = self.clock.watermarks(int(time.time() * 1000))
         due = self._pop_due(watermark)
         due.extend((partition, tag) for tag, partition in self._held.items())
         if not due:
@@ -164,20 +157,7 @@ class RfidWorker:
             await self._emit(output, (), started)
 
     def _pop_due(self, watermark: Any) -> list[tuple[int, str]]:
-        heap = self._deadlines
-        due: dict[str, int] = {}
-        later = []
-        newest = max((w for w in (watermark(p) for p in self._partitions()) if w is not None), default=None)
-        while heap and newest is not None and heap[0][0] <= newest:
-            entry = heapq.heappop(heap)
-            mark = watermark(entry[2])
-            if mark is not None and entry[0] <= mark:
-                due[entry[1]] = entry[2]
-            else:
-                later.append(entry)
-        for entry in later:
-            heapq.heappush(heap, entry)
-        return [(partition, tag) for tag, partition in due.items()]
+        return pop_due(self._deadlines, watermark, self._partitions())
 
     def _process(self, records: list[InRecord]) -> RfidOutput:
         """A record that breaks the pipeline is retried alone and dead-lettered (``internal_error``) if it still

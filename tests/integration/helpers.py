@@ -200,7 +200,8 @@ async def read_topic(
             now = time.monotonic()
             if got:
                 last_new = now
-            elif (expect is not None and len(out) >= expect and now - last_new > min(idle_s, 1.0)) or (now - last_new > idle_s and (expect is None or len(out) >= expect)):
+            elif (expect is not None and len(out) >= expect and now - last_new > min(idle_s, 1.0)) or (
+                    now - last_new > idle_s and (expect is None or len(out) >= expect)):
                 break
         return out
     finally:

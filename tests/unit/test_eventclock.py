@@ -1,9 +1,11 @@
-"""Event-time watermarks for the RFID timer: busy partitions keep their own, idle ones follow the worker's clock,
-which runs on with the wall clock once input stops."""
+"""Event-time watermarks for the RFID and alert timers: busy partitions keep their own, idle ones follow the
+worker's clock, which runs on with the wall clock once input stops."""
 
 from __future__ import annotations
 
-from fleetstream.domain.eventclock import EventClock
+import heapq
+
+from fleetstream.domain.eventclock import EventClock, pop_due
 
 T = 1_795_600_800_000
 WALL = 1_000_000
@@ -47,3 +49,15 @@ def test_restored_time_counts_as_idle_and_forget_clears():
     assert clock.watermark(3, WALL + 15_000) == T + 9000  # no input since the restore: runs on
     clock.forget()
     assert clock.watermark(3, WALL) is None
+
+
+def test_pop_due_takes_what_each_partitions_own_watermark_has_passed_once_per_key():
+    heap = [(100, "a", 0), (150, "b", 1), (120, "a", 0), (300, "c", 0), (90, "d", 2)]
+    heapq.heapify(heap)
+    marks = {0: 200, 1: 140, 2: None}  # partition 1 lags; partition 2 knows nothing yet
+    assert sorted(pop_due(heap, marks.get, marks)) == [(0, "a")]
+    assert sorted(heap) == [(90, "d", 2), (150, "b", 1), (300, "c", 0)]  # due only by another clock: kept
+    marks = {0: 400, 1: 150, 2: 90}
+    assert sorted(pop_due(heap, marks.get, marks)) == [(0, "c"), (1, "b"), (2, "d")]
+    assert heap == [] and pop_due(heap, marks.get, marks) == []
+    assert pop_due([(1, "x", 0)], {0: None}.get, [0]) == []  # no watermark anywhere: nothing fires

@@ -106,13 +106,17 @@ def test_the_applied_signals_mirror_gives_what_reading_the_store_gives(seed, dev
     assert not any(r.topic == "fleet.deadletter" for r in with_mirror[0])
 
 
+def alert_pipeline(cfg: Settings, signals: Store) -> PositionPipeline:
+    """A pipeline with RULES, the signals store ``signals`` and the clock at CLOCK_MS."""
+    engine = AlertEngine(parse_rules(RULES))
+    return PositionPipeline(cfg, Store(), changelog_topic="state", signals=signals, signals_changelog_topic="signals",
+                            alert_engine=lambda: engine, clock_ms=lambda: CLOCK_MS)
+
+
 def test_the_mirror_is_read_instead_of_the_store_and_forgotten_on_a_rebalance():
     cfg = Settings.load(env={})
-    engine = AlertEngine(parse_rules(RULES))
     signals = Store()
-    pipeline = PositionPipeline(cfg, Store(), changelog_topic="state", signals=signals,
-                                signals_changelog_topic="signals", alert_engine=lambda: engine,
-                                clock_ms=lambda: CLOCK_MS)
+    pipeline = alert_pipeline(cfg, signals)
     out = pipeline.process(messages(1, 1, 1, 3))
     for _, key, value in out.signal_writes:
         signals[key] = value
@@ -155,11 +159,8 @@ def test_timer_deadlines_fire_by_the_partitions_watermark_not_the_wall_clock():
     raised by the timer while the partition's event time has not passed its deadline (the next fixes, still to
     be read, may end it), and is raised at its deadline once the watermark passes it."""
     cfg = Settings.load(env={})
-    engine = AlertEngine(parse_rules(RULES))
     signals = Store()
-    pipeline = PositionPipeline(cfg, Store(), changelog_topic="state", signals=signals,
-                                signals_changelog_topic="signals", alert_engine=lambda: engine,
-                                clock_ms=lambda: CLOCK_MS)
+    pipeline = alert_pipeline(cfg, signals)
 
     def applied(out: BatchOutput) -> BatchOutput:
         for _, key, value in out.signal_writes:
