@@ -792,10 +792,11 @@ def collector_paused() -> Iterator[None]:
     """No cyclic garbage collection while a batch runs; the collector catches up once it is over.
 
     A batch allocates hundreds of thousands of objects that live until its outputs are flushed (decoded fixes,
-    enriched records, states, alert watches). Each young-generation collection inside the batch scanned them all
-    again (they are young until the batch ends) and cost ~2 µs per fix with the alert rules on, ~1 µs with them off
-    (benchmarks/pipeline_cpu.py, GC callbacks timed); one collection after the batch costs ~0.2. The batch is
-    synchronous (no other coroutine runs meanwhile), and its cyclic garbage is bounded by the batch size."""
+    enriched records, states, alert watches). Young-generation collections inside the batch scanned them again and
+    again (they are young until the batch ends): 2.0-2.5 µs per fix with the alert rules on, ~1 with them off
+    (benchmarks/pipeline_cpu.py's worker loop, GC callbacks timed); paused, the one collection after each batch
+    costs 1.1-1.3 and ~0.5. The batch is synchronous (no other coroutine runs meanwhile), and its cyclic garbage is
+    bounded by the batch size."""
     if not gc.isenabled():  # someone else owns the collector (a test, a profiler): leave it as it is
         yield
         return
