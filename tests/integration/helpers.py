@@ -43,7 +43,7 @@ class WorkerProcess:
 
     settings: Settings
     log_path: Path
-    env: dict[str, str] = field(default_factory=dict)  # extra environment (e.g. slow_seek_env())
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (e.g. fault_env())
     process: subprocess.Popen | None = field(default=None, init=False)
 
     @property
@@ -90,13 +90,18 @@ class WorkerProcess:
             self.process.wait(timeout=10)
 
 
-def slow_seek_env(delay_s: float) -> dict[str, str]:
-    """Environment for a WorkerProcess whose seek to the committed offsets (end of table recovery) takes
-    ``delay_s`` longer, as on a loaded broker: see ``slow_seek/sitecustomize.py``."""
-    path = str(Path(__file__).parent / "slow_seek")
+def fault_env(*, slow_seek_s: float = 0, no_commits: bool = False) -> dict[str, str]:
+    """Environment for a WorkerProcess with injected faults (see ``faults/sitecustomize.py``): its seek to the
+    committed offsets at the end of table recovery takes ``slow_seek_s`` longer, as on a loaded broker; with
+    ``no_commits`` it never commits offsets (a worker killed before its group's first commit)."""
+    path = str(Path(__file__).parent / "faults")
     inherited = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": path + (os.pathsep + inherited if inherited else ""),
-            "FLEETSTREAM_TEST_SLOW_SEEK_S": str(delay_s)}
+    env = {"PYTHONPATH": path + (os.pathsep + inherited if inherited else "")}
+    if slow_seek_s:
+        env["FLEETSTREAM_TEST_SLOW_SEEK_S"] = str(slow_seek_s)
+    if no_commits:
+        env["FLEETSTREAM_TEST_NO_COMMITS"] = "1"
+    return env
 
 
 def worker_settings(broker_url: str, prefix: str, tmp: Path, **overrides: object) -> Settings:

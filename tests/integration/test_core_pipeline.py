@@ -21,10 +21,10 @@ from fleetstream.embedded import free_port
 from tests.integration.helpers import (
     WorkerProcess,
     committed_offsets,
+    fault_env,
     missing_report,
     produce,
     read_topic,
-    slow_seek_env,
     wait_for_count,
     worker_settings,
 )
@@ -227,13 +227,13 @@ def test_sigkill_and_restart_loses_nothing(broker, prefix, tmp_path: Path, case:
     settings = worker_settings(broker.url, prefix, tmp_path, partitions=4, batch_max=200)
     records, valid, malformed = make_stream(20_000, devices=40, malformed_share=0.02, seed=11)
     n_valid = sum(len(v) for v in valid.values())
-    worker = WorkerProcess(settings, tmp_path / "worker1.log").start()
+    worker = WorkerProcess(settings, tmp_path / "worker1.log",
+                           env=fault_env(no_commits=case == "lost_uncommitted")).start()
     try:
         asyncio.run(produce(broker.bootstrap, settings.positions_topic, records))
         # kill it once it is part-way through
         deadline = time.monotonic() + 60
-        kill_at = (n_valid + malformed) // (40 if case == "lost_uncommitted" else 4)
-        while worker.status()["fixes_in"] < kill_at and time.monotonic() < deadline:
+        while worker.status()["fixes_in"] < (n_valid + malformed) // 4 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert worker.status()["fixes_in"] < n_valid + malformed, "worker finished before the kill"
     finally:
@@ -241,11 +241,11 @@ def test_sigkill_and_restart_loses_nothing(broker, prefix, tmp_path: Path, case:
     # where the killed worker left its group (for the failure reports)
     committed_at_kill = asyncio.run(committed_offsets(broker.bootstrap, settings.app_id, settings.positions_topic, 4))
     context = f"committed at the kill: {committed_at_kill}"
-    if case == "lost_uncommitted":  # (Faust commits every 2.8 s: the kill came first)
+    if case == "lost_uncommitted":
         assert set(committed_at_kill.values()) == {None}, context
     if case.startswith("lost"):
         shutil.rmtree(settings.data_dir)
-    restarted = WorkerProcess(settings, tmp_path / "worker2.log", env=slow_seek_env(2.0)).start()
+    restarted = WorkerProcess(settings, tmp_path / "worker2.log", env=fault_env(slow_seek_s=2.0)).start()
     try:
         enriched, dead = wait_for_every_event(settings, broker.bootstrap, records, n_valid, malformed, [restarted],
                                               context)
@@ -271,14 +271,14 @@ def test_workers_taking_over_from_each_other_lose_nothing(broker, prefix, tmp_pa
             time.sleep(0.75)
 
     traffic = threading.Thread(target=produce_paced, daemon=True)
-    a = WorkerProcess(settings_a, tmp_path / "a.log", env=slow_seek_env(2.0)).start()
+    a = WorkerProcess(settings_a, tmp_path / "a.log", env=fault_env(slow_seek_s=2.0)).start()
     b = None
     try:
         traffic.start()
         deadline = time.monotonic() + 60
         while a.status()["fixes_in"] < 1000 and time.monotonic() < deadline:
             time.sleep(0.1)
-        b = WorkerProcess(settings_b, tmp_path / "b.log", env=slow_seek_env(2.0)).start()
+        b = WorkerProcess(settings_b, tmp_path / "b.log", env=fault_env(slow_seek_s=2.0)).start()
         deadline = time.monotonic() + 120  # until b owns partitions and has processed some of them
         while b.status()["fixes_in"] == 0 and time.monotonic() < deadline:
             time.sleep(0.2)
