@@ -1,4 +1,5 @@
-"""Event-time watermarks per input partition, for timers that fire deadlines in event time (RFID assets).
+"""Event-time watermarks per input partition, for timers that fire deadlines in event time (RFID assets, and the
+alert engine's deadlines in the position worker).
 
 The asset domain fires its deadlines (a switch of place, ``asset_missing``, ``separation``) at event times and
 wants a *watermark*: a time no read still to come is older than. The worker's wall clock is wrong for that on a
