@@ -41,6 +41,12 @@ class FenceSettings:
     min_accuracy_m: float | None = None
     cross: bool = False
 
+    @property
+    def neutral(self) -> bool:
+        """Nothing of its own that a transition would apply: every setting unset or 0, no ``cross``."""
+        return not (self.dwell_s or self.enter_after_s or self.exit_after_s or self.exit_buffer_m
+                    or self.min_accuracy_m or self.cross)
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Geofence:

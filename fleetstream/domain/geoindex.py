@@ -532,6 +532,8 @@ class GeofenceIndex:
         self._answers = AnswerSets(self.ids)
         self._cross = [(f.id, _candidate_polygon(f)) for f in self.fences if f.settings.cross]
         self.has_cross = bool(self._cross)
+        # no geofence with settings of its own: transitions under all-zero defaults need no per-geofence rules
+        self.plain = all(f.settings.neutral for f in self.fences)
         self._build_table(cells.astype(np.uint64), values.astype(np.int32))
         self.finest_resolution = LOOKUP_RESOLUTION
 

@@ -636,7 +636,7 @@ class PositionPipeline:
             self._settled.pop(fix.device_id, None)
         partition = record.partition if self.copartitioned else None
         for event in events:
-            out.transitions[event.type.value] += 1
+            out.transitions[event.type._value_] += 1
             out.records.append(OutRecord(events_topic, record.key, dumps(geofence_event_dict(event)), partition))
         # kept as Membership objects while in memory; DeviceState.to_dict writes them as lists
         return state.with_fences(new_memberships or None), events

@@ -210,3 +210,55 @@ def test_a_device_staying_inside_takes_the_shortcut():
     assert not transitions._steady(memberships, ("a", "b"), INDEX, TransitionDefaults())
     assert not transitions._steady({**memberships, "c": memberships["c"]._replace(pending_ms=1)}, ("a", "c"), INDEX,
                                    TransitionDefaults())
+
+
+@settings(max_examples=150, deadline=None)
+@given(walks, st.floats(1, 30), st.integers(0, 10**6))
+def test_the_plain_step_gives_what_the_full_step_gives(offsets, wait_s, seed):
+    """With every setting 0 and no geofence with settings of its own, ``step`` takes ``_step_plain`` (the set
+    differences, no per-geofence rules). Walked beside ``_step``, with memberships left pending by earlier
+    settings (the first quarter runs with enter/exit waits) and a geofence deleted in the last quarter, every
+    step's memberships and events agree; the plain path answers every step whose memberships are all settled
+    inside and declines the others; ``steady_inside`` names the settled geofences."""
+    from fleetstream.domain import transitions
+
+    rng = random.Random(seed)
+    without_b = INDEX.with_changes(deletes=["b"])
+    assert INDEX.plain and without_b.plain
+    waiting = TransitionDefaults(enter_after_s=wait_s, exit_after_s=wait_s)
+    memberships: dict = {}
+    last = None
+    ts = 0
+    plain_steps = zero_steps = 0
+    stays = [offset for offset in offsets for _ in range(2)] * 2
+    stays.insert(len(offsets) * 3, (0.002, 0.0))  # inside b (and a) when b goes
+    for n, (a, b) in enumerate(stays):
+        index = INDEX if n <= len(offsets) * 3 else without_b
+        defaults = waiting if n < len(offsets) else TransitionDefaults()
+        ts += 1000 * rng.randint(1, 20)
+        fix = Position("d", ts, LAT + a, LON + b)
+        inside = index.lookup_one(fix.lat, fix.lon)
+        expected = transitions._step(memberships, last, fix, inside, index, defaults)
+        if defaults.zero:
+            zero_steps += 1
+            plain = transitions._step_plain(memberships, fix, inside, index)
+            if all(m.inside and m.pending_ms is None for m in memberships.values()):
+                assert plain == expected
+                plain_steps += 1
+            else:
+                assert plain is None
+        got = step(memberships, last, fix, inside, index, defaults)
+        assert got == expected
+        memberships, last = got[0], fix
+        if defaults.zero:
+            settled = all(m.inside and m.pending_ms is None for m in memberships.values())
+            assert transitions.steady_inside(memberships, index, defaults) == (
+                tuple(sorted(memberships)) if memberships and settled else None)
+    assert plain_steps >= zero_steps - 1  # only the first zero-settings step may meet runs left pending
+
+
+def test_geofences_with_settings_of_their_own_are_not_plain():
+    assert not GeofenceIndex.build([*FENCES, square("slow", 100, enter_after_s=10)]).plain
+    assert not GeofenceIndex.build([*FENCES, square("gate", 100, cross=True)]).plain
+    assert GeofenceIndex.build([*FENCES, square("zeros", 100, dwell_s=0, exit_buffer_m=0)]).plain
+    assert TransitionDefaults().zero and not TransitionDefaults(min_accuracy_m=50).zero
