@@ -25,7 +25,8 @@ def square(fence_id, half_m, lat=LAT, lon=LON, **props):
                            "properties": props})
 
 
-def run(index, fixes, defaults=TransitionDefaults()):
+def run(index, fixes, defaults=None):
+    defaults = defaults or TransitionDefaults()
     memberships, last, events = {}, None, []
     for fix in fixes:
         inside = index.lookup_one(fix.lat, fix.lon)
@@ -103,7 +104,8 @@ def test_without_the_buffer_the_same_noise_flaps():
     index = GeofenceIndex.build([fence])
     edge_lat, edge_lon = destination(LAT, LON, 90, 200)
     rng = random.Random(42)
-    fixes = [Position("truck", 5000 * (i + 1), *destination(edge_lat, edge_lon, rng.uniform(0, 360), abs(rng.gauss(0, 10))))
+    fixes = [Position("truck", 5000 * (i + 1),
+                      *destination(edge_lat, edge_lon, rng.uniform(0, 360), abs(rng.gauss(0, 10))))
              for i in range(720)]
     _, events = run(index, fixes)
     assert len(events) > 50
