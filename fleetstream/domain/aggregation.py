@@ -1061,7 +1061,12 @@ class _KeyedWindows:
 
 
 def _acc_json(acc: dict[str, Any]) -> dict[str, Any]:
-    return {k: sorted(v) if isinstance(v, set) else v for k, v in acc.items()}
+    """An accumulator as JSON: its one set (``devices``, see ``_acc_from_json``) as a sorted list."""
+    out = dict(acc)
+    devices = out.get("devices")
+    if devices is not None:
+        out["devices"] = sorted(devices)
+    return out
 
 
 def _acc_from_json(value: Mapping[str, Any]) -> dict[str, Any]:
@@ -1152,32 +1157,55 @@ class GeofenceAggregator(_KeyedWindows):
                 "through": None}
 
     def add_events(self, events: Iterable[GeofenceEventLike], offsets: Sequence[int] | None = None) -> int:
-        """Apply events (any order); returns how many were late for at least one of their windows."""
+        """Apply events (any order); returns how many were late for at least one of their windows.
+
+        Per event, a few dict and set operations: the windows an event goes to are worked out once per pane of
+        event time (a batch's events share a few), and ``_slot`` is inlined (a third of this loop's cost)."""
         late = 0
         offs = list(offsets) if offsets is not None else None
+        inside_of, occ_dirty, accs, dirty = self._inside, self._occ_dirty, self._acc, self._dirty
+        pane_ms = self.spec.pane_ms
+        targets: dict[int, tuple[list[int], bool]] = {}  # pane -> (open window starts, late for one)
         for i, event in enumerate(events):
             kind = str(event.type)
             gid, device = event.geofence_id, event.device_id
-            if kind in ("enter", "dwell"):
-                self._inside.setdefault(gid, set()).add(device)
-                self._occ_dirty.add(gid)
+            if kind == "enter" or kind == "dwell":
+                inside = inside_of.get(gid)
+                if inside is None:
+                    inside = inside_of[gid] = set()
+                inside.add(device)
+                occ_dirty.add(gid)
             elif kind == "exit":
-                inside = self._inside.get(gid)
+                inside = inside_of.get(gid)
                 if inside is not None and device in inside:
                     inside.discard(device)
-                    self._occ_dirty.add(gid)
+                    occ_dirty.add(gid)
             offset = offs[i] if offs is not None else None
-            starts, missed = self._targets(int(event.ts_ms))
+            ts_ms = int(event.ts_ms)
+            pane = ts_ms // pane_ms  # the same pane, the same windows (sizes and steps are whole panes)
+            found = targets.get(pane)
+            if found is None:
+                found = targets[pane] = self._targets(ts_ms)
+            starts, missed = found
             late += missed
             dwell = None if kind != "exit" or event.dwell_s is None else round(event.dwell_s * 1000)
             for start in starts:
-                acc = self._slot(start, gid, offset)
+                window = accs.get(start)
+                if window is None:
+                    window = accs[start] = {}
+                acc = window.get(gid)
                 if acc is None:
-                    continue
+                    acc = window[gid] = self._empty()
+                elif offset is not None and acc["through"] is not None and offset <= acc["through"]:
+                    continue  # a replay of what the state already holds
+                dirty.add((start, gid))
                 acc["devices"].add(device)
-                if kind in ("enter", "cross"):
+                if kind == "enter":
                     acc["entries"] += 1
-                if kind in ("exit", "cross"):
+                elif kind == "exit":
+                    acc["exits"] += 1
+                elif kind == "cross":
+                    acc["entries"] += 1
                     acc["exits"] += 1
                 if dwell is not None:
                     acc["dwell_n"] += 1
