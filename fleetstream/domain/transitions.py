@@ -124,6 +124,25 @@ def step(
     return _step(memberships, last, fix, inside, index, defaults)
 
 
+def step_settled(
+    memberships: Memberships,
+    last: Position | None,
+    fix: Position,
+    inside: tuple[str, ...],
+    index: FenceIndex,
+    defaults: TransitionDefaults = TransitionDefaults(),
+) -> tuple[dict[str, Membership], list[GeofenceEvent], tuple[str, ...] | None]:
+    """``step``, and ``steady_inside`` of the memberships it returns, in one call: the plain step's memberships
+    are settled by construction (and in sorted order), so the worker's settled-devices memo costs no second
+    pass over them."""
+    if defaults.zero and _plain(index):
+        plain = _step_plain(memberships, fix, inside, index)
+        if plain is not None:
+            return plain[0], plain[1], tuple(plain[0]) or None
+    new, events = step(memberships, last, fix, inside, index, defaults)
+    return new, events, steady_inside(new, index, defaults) if new else None
+
+
 def _steady(memberships: Memberships, inside: tuple[str, ...], index: FenceIndex,
             defaults: TransitionDefaults) -> bool:
     """Whether the fix changes nothing: it is inside exactly the geofences the device is confirmed inside, no run

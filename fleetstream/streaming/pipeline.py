@@ -40,9 +40,8 @@ from fleetstream.domain.transitions import (
     Membership,
     TransitionDefaults,
     memberships_from_json,
-    steady_inside,
+    step_settled,
 )
-from fleetstream.domain.transitions import step as transition_step
 from fleetstream.domain.trips import TrackEvent
 from fleetstream.streaming.aggregates import Aggregation, BatchRows
 from fleetstream.streaming.output import OutRecord
@@ -624,10 +623,9 @@ class PositionPipeline:
             settled = self._settled.get(fix.device_id)
             if settled is not None and settled[0] is memberships and settled[1] == fences:
                 return state, []
-        new_memberships, events = transition_step(
+        new_memberships, events, inside = step_settled(
             memberships_from_json(memberships), previous, fix, fences, index, self.transition_defaults
         )
-        inside = steady_inside(new_memberships, index, self.transition_defaults) if new_memberships else None
         if inside is not None:
             if len(self._settled) >= SETTLED_DEVICES_LIMIT:
                 self._settled.clear()

@@ -113,8 +113,8 @@ def test_the_settled_shortcut_changes_no_output(seed, devices, batches, per_mess
 def test_a_parked_device_takes_the_shortcut(monkeypatch):
     """Parked inside the depot and the yard: after the enters, its fixes skip ``step`` until it leaves."""
     calls = []
-    real_step = pipeline_module.transition_step
-    monkeypatch.setattr(pipeline_module, "transition_step", lambda *a: calls.append(a[2].ts_ms) or real_step(*a))
+    real_step = pipeline_module.step_settled
+    monkeypatch.setattr(pipeline_module, "step_settled", lambda *a: calls.append(a[2].ts_ms) or real_step(*a))
     fixes = [{"device_id": "d", "ts": format_ts(START_MS + 5_000 * i), "lat": LAT + 0.001, "lon": LON + 0.001}
              for i in range(10)]
     away = {"device_id": "d", "ts": format_ts(START_MS + 5_000 * 10 + 300_000), "lat": LAT + 0.02, "lon": LON}

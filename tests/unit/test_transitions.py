@@ -251,6 +251,8 @@ def test_the_plain_step_gives_what_the_full_step_gives(offsets, wait_s, seed):
                 assert plain is None
         got = step(memberships, last, fix, inside, index, defaults)
         assert got == expected
+        settled = transitions.step_settled(memberships, last, fix, inside, index, defaults)
+        assert settled == (*expected, transitions.steady_inside(expected[0], index, defaults))
         memberships, last = got[0], fix
         if defaults.zero:
             settled = all(m.inside and m.pending_ms is None for m in memberships.values())
