@@ -46,6 +46,7 @@ from fleetstream.domain.trips import TrackEvent
 from fleetstream.streaming.aggregates import Aggregation, BatchRows
 from fleetstream.streaming.output import OutRecord
 
+_new = tuple.__new__  # a NamedTuple from all its fields, without its constructor's argument handling (2x cheaper)
 SETTLED_DEVICES_LIMIT = 1_000_000  # devices remembered as settled inside geofences (then forgotten at once)
 
 
@@ -635,7 +636,8 @@ class PositionPipeline:
         partition = record.partition if self.copartitioned else None
         for event in events:
             out.transitions[event.type._value_] += 1
-            out.records.append(OutRecord(events_topic, record.key, dumps(geofence_event_dict(event)), partition))
+            out.records.append(_new(OutRecord, (events_topic, record.key, dumps(geofence_event_dict(event)),
+                                                partition)))
         # kept as Membership objects while in memory; DeviceState.to_dict writes them as lists
         return state.with_fences(new_memberships or None), events
 
@@ -770,9 +772,12 @@ def event_id(record: InRecord, index: int) -> str:
 
 
 def geofence_event_dict(event: GeofenceEvent) -> dict[str, object]:
-    """The ``fleet.geofence.events`` message (schemas/geofence_event.json)."""
+    """The ``fleet.geofence.events`` message (schemas/geofence_event.json). The type as its plain string, read
+    once (``_value_``: Enum's ``value`` property costs 5x more, and orjson writes a str faster than an enum)."""
+    kind = event.type._value_
     out: dict[str, object] = {
-        "event_id": event.event_id, "type": event.type, "device_id": event.device_id,
+        "event_id": f"{event.device_id}:{event.geofence_id}:{kind}:{event.ts_ms}",  # == event.event_id
+        "type": kind, "device_id": event.device_id,
         "geofence_id": event.geofence_id, "ts": format_ts(event.ts_ms), "lat": event.lat, "lon": event.lon,
     }
     if event.dwell_s is not None:

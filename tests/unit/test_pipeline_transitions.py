@@ -5,13 +5,14 @@ park, wander in and out, dwell, and the index changes under them."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetstream.codecs import format_ts
+from fleetstream.codecs import format_ts, parse_ts, validate_output
 from fleetstream.config import Settings
 from fleetstream.domain.geoindex import GeofenceIndex
 from fleetstream.streaming import pipeline as pipeline_module
@@ -66,10 +67,26 @@ def fleet_batches(seed: int, devices: int, batches: int, per_message: int) -> li
     return out
 
 
-def run(batches: list[list[InRecord]], swap_at: int, shortcut: bool, applied: bool = False) -> list[tuple]:
+# the same places with no settings of their own (GeofenceIndex.plain): the default configuration's plain step
+PLAIN_FIRST = GeofenceIndex.build([
+    square("depot", 400, LAT, LON), square("yard", 150, LAT + 0.001, LON + 0.001),
+    square("site", 300, LAT - 0.006, LON + 0.006), square("gate", 80, LAT + 0.005, LON - 0.004)])
+PLAIN_SECOND = PLAIN_FIRST.with_changes(upserts=[square("site", 300, LAT - 0.005, LON + 0.007)], deletes=["yard"])
+
+
+def not_plain(index: GeofenceIndex) -> GeofenceIndex:
+    """The same index with its plain-step shortcut off: every step resolves each geofence's settings."""
+    general = copy.copy(index)
+    general.plain = False
+    return general
+
+
+def run(batches: list[list[InRecord]], swap_at: int, shortcut: bool, applied: bool = False,
+        indexes_used: tuple[GeofenceIndex, GeofenceIndex] = (FIRST, SECOND)) -> list[tuple]:
     """``applied``: like the worker, hand the pipeline the states it applied (objects) before the store's bytes."""
     state = DictState()
-    indexes = {"now": FIRST}
+    first, second = indexes_used
+    indexes = {"now": first}
     directory: dict = {}
     pipe = PositionPipeline(Settings.load(env={}), state, changelog_topic="changelog",
                             geofences=lambda: indexes["now"], alert_engine=lambda: None,
@@ -80,7 +97,7 @@ def run(batches: list[list[InRecord]], swap_at: int, shortcut: bool, applied: bo
     pending: dict = {}
     for n, batch in enumerate(batches):
         if n == swap_at:
-            indexes["now"] = SECOND
+            indexes["now"] = second
         # as in the worker: the last batch's states stay in memory (objects, not bytes) until their changelog
         # records are acknowledged; earlier ones are read back from the store
         out = pipe.process(batch, pending)
@@ -108,6 +125,27 @@ def test_the_settled_shortcut_changes_no_output(seed, devices, batches, per_mess
     reference = run(data, swap_at, shortcut=False)
     assert run(data, swap_at, shortcut=True) == reference
     assert run(data, swap_at, shortcut=True, applied=True) == reference
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 8), st.integers(2, 7), st.integers(1, 12))
+def test_the_plain_step_changes_no_output(seed, devices, batches, per_message):
+    """Geofences without settings of their own under the default (all 0) settings: the pipeline takes the plain
+    step; against the general step on the same index (and without the settled shortcut), identical records and
+    state writes. Its geofence event records match their schema."""
+    data = fleet_batches(seed, devices, batches, per_message)
+    swap_at = random.Random(seed).randrange(batches + 1)
+    assert PLAIN_FIRST.plain and PLAIN_SECOND.plain
+    reference = run(data, swap_at, shortcut=False, indexes_used=(not_plain(PLAIN_FIRST), not_plain(PLAIN_SECOND)))
+    plain = run(data, swap_at, shortcut=True, indexes_used=(PLAIN_FIRST, PLAIN_SECOND))
+    assert plain == reference
+    assert run(data, swap_at, shortcut=True, applied=True, indexes_used=(PLAIN_FIRST, PLAIN_SECOND)) == reference
+    events = [orjson.loads(value) for _, records, _, _ in plain for topic, _, value, _ in records
+              if topic == Settings.load(env={}).geofence_events_topic]
+    for event in events:
+        validate_output("geofence_event", event)
+        assert event["event_id"] == f"{event['device_id']}:{event['geofence_id']}:{event['type']}:" \
+                                    f"{parse_ts(event['ts'])}"
 
 
 def test_a_parked_device_takes_the_shortcut(monkeypatch):
