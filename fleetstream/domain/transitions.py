@@ -264,7 +264,8 @@ def _step_plain(
 ) -> tuple[dict[str, Membership], list[GeofenceEvent]] | None:
     """``_step`` when no setting applies (worker defaults all 0, no geofence with settings of its own, no
     ``cross``): every change is confirmed at once, so the events are the differences between the device's
-    memberships and the fix's geofences, without resolving each geofence's settings. None when a membership is
+    memberships and the fix's geofences, without resolving each geofence's settings. ``inside`` is this index's
+    answer (its geofences exist); only a geofence left is looked up, to tell a deletion. None when a membership is
     still pending or outside (left by settings since changed): ``_step`` resolves those. Tests check it against
     ``_step``."""
     for member in memberships.values():
@@ -274,21 +275,17 @@ def _step_plain(
     result: dict[str, Membership] = {}
     now = fix.ts_ms
     device_id, lat, lon = fix.device_id, fix.lat, fix.lon
-    get = index.get
     for fence_id in sorted(memberships.keys() | inside) if memberships else sorted(set(inside)):
         member = memberships.get(fence_id)
-        if get(fence_id) is None:  # deleted while the device was inside
-            if member is not None:
-                events.append(_new(GeofenceEvent, (_EXIT, device_id, fence_id, now, lat, lon,
-                                                   (now - member.since_ms) / 1000.0, "geofence_deleted")))
-        elif fence_id in inside:
+        if fence_id in inside:
             if member is None:
                 events.append(_new(GeofenceEvent, (_ENTER, device_id, fence_id, now, lat, lon, None, None)))
                 member = _new(Membership, (True, now, False, None, 0.0, 0.0))
             result[fence_id] = member
-        else:
-            events.append(_new(GeofenceEvent, (_EXIT, device_id, fence_id, now, lat, lon,
-                                               (now - member.since_ms) / 1000.0, None)))  # type: ignore[union-attr]
+        else:  # left, or deleted while the device was inside
+            events.append(_new(GeofenceEvent, (
+                _EXIT, device_id, fence_id, now, lat, lon, (now - member.since_ms) / 1000.0,  # type: ignore[union-attr]
+                None if index.get(fence_id) is not None else "geofence_deleted")))
     return result, events
 
 
