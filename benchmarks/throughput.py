@@ -296,7 +296,9 @@ def main() -> None:
         if "worker" in rates:
             for other in rates:
                 if other != "worker":
-                    print(f"           {other} / worker = {rates[other] / rates['worker']:.2f}x")
+                    own = (f" (median of the runs' own ratios: {paired(results, mode, other, 'worker'):.2f}x)"
+                           if other.startswith("worker") else "")
+                    print(f"           {other} / worker = {rates[other] / rates['worker']:.2f}x{own}")
         if "worker-noagg" in rates and "worker" in rates:
             print(f"           worker (aggregation on) / worker-noagg = {rates['worker'] / rates['worker-noagg']:.2f}x"
                   f" (median of the runs' own ratios: {paired(results, mode, 'worker', 'worker-noagg'):.2f}x)")
