@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from fleetstream.config import Settings
@@ -216,3 +217,33 @@ async def read_topic(
 async def wait_for_count(bootstrap: str, topic: str, expect: int, timeout_s: float = 120) -> list[Consumed]:
     """Poll a topic until it holds at least ``expect`` records (or time runs out) and return them all."""
     return await read_topic(bootstrap, topic, expect=expect, idle_s=timeout_s, timeout_s=timeout_s)
+
+
+def wait_for_every_event(
+    settings: Settings, bootstrap: str, n_valid: int, *, malformed: int = 0, n_inputs: int | None = None,
+    workers: Iterable[WorkerProcess] = (), context: str = "", timeout_s: float = 240,
+) -> tuple[list[Consumed], list[Consumed]]:
+    """Enriched and dead-lettered records once ``n_valid`` distinct event ids are enriched, or fail saying which
+    input records never came out (per input partition), where the group's committed offsets stand and how the
+    workers' logs end.
+
+    Waits for distinct event ids, not a record count: a replay's duplicates can reach the count while the rest is
+    still to come (e.g. behind the rebalance when a killed member's session expires)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        enriched = asyncio.run(read_topic(bootstrap, settings.enriched_topic, expect=n_valid, idle_s=4))
+        distinct = {orjson.loads(r.value)["event_id"] for r in enriched if r.value}
+        if len(distinct) >= n_valid or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    dead = asyncio.run(read_topic(bootstrap, settings.deadletter_topic, expect=malformed or None, idle_s=2))
+    if len(distinct) < n_valid:
+        inputs = asyncio.run(read_topic(bootstrap, settings.positions_topic, expect=n_inputs, idle_s=3))
+        committed = asyncio.run(committed_offsets(bootstrap, settings.app_id, settings.positions_topic,
+                                                  settings.partitions))
+        pytest.fail(
+            f"{len(distinct)} of {n_valid} event ids after {timeout_s:.0f} s; missing by input partition: "
+            f"{missing_report(inputs, distinct, dead)}; {context}; committed now: {committed}; "
+            + "; ".join(f"log tail of {w.log_path.name}: {w.log_tail(1500)}" for w in workers)
+        )
+    return enriched, dead

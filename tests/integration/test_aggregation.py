@@ -19,13 +19,12 @@ import orjson
 import pytest
 
 from fleetstream.codecs import format_ts, parse_ts
-from fleetstream.config import Settings
 from tests.integration.helpers import (
     WorkerProcess,
-    missing_report,
     produce,
     read_topic,
     wait_for_count,
+    wait_for_every_event,
     worker_settings,
 )
 
@@ -91,21 +90,6 @@ def as_records(fixes: list[dict]) -> list[tuple[bytes, bytes]]:
     return [(f["device_id"].encode(), orjson.dumps({**f, "ts": format_ts(f["ts"])})) for f in fixes]
 
 
-def wait_all_enriched(bootstrap: str, settings: Settings, expect: int) -> None:
-    """Wait until every input event so far has its enriched record (by event id: duplicates after a restart do
-    not count twice), or fail naming what never came out. The cells can only equal the reference if the worker
-    got every fix; an input the pipeline never saw is reported as such, not as a cell with too few events."""
-    out = asyncio.run(wait_for_count(bootstrap, settings.enriched_topic, expect))
-    ids = {r.json()["event_id"] for r in out}
-    if len(ids) < expect:  # (the count may have been reached with duplicates: read once more to the end)
-        ids = {r.json()["event_id"] for r in asyncio.run(read_topic(bootstrap, settings.enriched_topic, idle_s=5))}
-    if len(ids) < expect:
-        inputs = asyncio.run(read_topic(bootstrap, settings.positions_topic, idle_s=2))
-        dead = asyncio.run(read_topic(bootstrap, settings.deadletter_topic, idle_s=1))
-        pytest.fail(f"{expect - len(ids)} input fixes never came out of the worker (lost before aggregation), by "
-                    f"input partition: {missing_report(inputs, ids, dead)}")
-
-
 def test_cells_are_published_once_per_window_and_match_the_reference(broker, prefix, tmp_path: Path):
     fences = tmp_path / "fences.geojson"
     fences.write_bytes(orjson.dumps({"type": "FeatureCollection", "features": [FENCE]}))
@@ -117,18 +101,18 @@ def test_cells_are_published_once_per_window_and_match_the_reference(broker, pre
     worker = WorkerProcess(settings, tmp_path / "worker-1.log").start()
     try:
         asyncio.run(produce(broker.bootstrap, settings.positions_topic, as_records(fixes[:half])))
-        wait_all_enriched(broker.bootstrap, settings, half)
+        wait_for_every_event(settings, broker.bootstrap, half)
     finally:
         worker.stop()  # a restart mid-stream: open windows come back from the checkpoints
     worker = WorkerProcess(settings.with_overrides(data_dir=str(tmp_path / "data-2")), tmp_path / "w2.log").start()
     try:
         asyncio.run(produce(broker.bootstrap, settings.positions_topic, as_records(fixes[half:])))
-        wait_all_enriched(broker.bootstrap, settings, len(fixes))
+        wait_for_every_event(settings, broker.bootstrap, len(fixes))
         # late: new devices reporting into the first window, long closed at every partition
         late = [{"device_id": f"late-{i}", "ts": t0 + 5_000 + i, "lat": CENTRE[0], "lon": CENTRE[1],
                  "speed_kmh": 50.0} for i in range(6)]
         asyncio.run(produce(broker.bootstrap, settings.positions_topic, as_records(late)))
-        wait_all_enriched(broker.bootstrap, settings, len(fixes) + len(late))
+        wait_for_every_event(settings, broker.bootstrap, len(fixes) + len(late))
         # one fix far ahead closes every window (the other partitions go idle and stop holding them back)
         closer = [{"device_id": "closer", "ts": t0 + 10 * WINDOW_MS, "lat": CENTRE[0], "lon": CENTRE[1],
                    "speed_kmh": 10.0}]

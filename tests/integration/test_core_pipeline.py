@@ -22,10 +22,10 @@ from tests.integration.helpers import (
     WorkerProcess,
     committed_offsets,
     fault_env,
-    missing_report,
     produce,
     read_topic,
     wait_for_count,
+    wait_for_every_event,
     worker_settings,
 )
 
@@ -168,31 +168,6 @@ def test_every_record_accounted_for_and_enriched(broker, prefix, tmp_path: Path)
         assert r.partition == e["source"]["partition"]
 
 
-def wait_for_every_event(settings: Settings, bootstrap: str, records: list, n_valid: int, malformed: int,
-                         workers: list[WorkerProcess], context: str, timeout_s: float = 240):
-    """Enriched and dead-lettered records once every valid event id is there (or fail, saying what is missing).
-
-    Waits for distinct event ids, not a record count: a replay's duplicates can reach the count while the rest is
-    still to come (e.g. behind the rebalance when a killed member's session expires)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        enriched = asyncio.run(read_topic(bootstrap, settings.enriched_topic, expect=n_valid, idle_s=4))
-        distinct = {orjson.loads(r.value)["event_id"] for r in enriched if r.value}
-        if len(distinct) >= n_valid or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    dead = asyncio.run(read_topic(bootstrap, settings.deadletter_topic, expect=malformed, idle_s=2))
-    if len(distinct) < n_valid:  # say which input records are missing, and where the group's offsets stand
-        inputs = asyncio.run(read_topic(bootstrap, settings.positions_topic, expect=len(records), idle_s=3))
-        committed_now = asyncio.run(committed_offsets(bootstrap, settings.app_id, settings.positions_topic, 4))
-        pytest.fail(
-            f"{len(distinct)} of {n_valid} event ids after {timeout_s:.0f} s; missing by input partition: "
-            f"{missing_report(inputs, distinct, dead)}; {context}; committed now: {committed_now}; "
-            + "; ".join(f"log tail of {w.log_path.name}: {w.log_tail(1500)}" for w in workers)
-        )
-    return enriched, dead
-
-
 def assert_commits_reach_the_ends(settings: Settings, bootstrap: str, n_records: int, workers: list[WorkerProcess],
                                   context: str, timeout_s: float = 45) -> None:
     """Once every input record is processed, the group's committed offset of every input partition reaches the
@@ -247,8 +222,8 @@ def test_sigkill_and_restart_loses_nothing(broker, prefix, tmp_path: Path, case:
         shutil.rmtree(settings.data_dir)
     restarted = WorkerProcess(settings, tmp_path / "worker2.log", env=fault_env(slow_seek_s=2.0)).start()
     try:
-        enriched, dead = wait_for_every_event(settings, broker.bootstrap, records, n_valid, malformed, [restarted],
-                                              context)
+        enriched, dead = wait_for_every_event(settings, broker.bootstrap, n_valid, malformed=malformed,
+                                              n_inputs=len(records), workers=[restarted], context=context)
         assert_commits_reach_the_ends(settings, broker.bootstrap, len(records), [restarted], context)
     finally:
         restarted.stop()
@@ -287,8 +262,8 @@ def test_workers_taking_over_from_each_other_lose_nothing(broker, prefix, tmp_pa
         a.stop()  # b takes over a's partitions
         traffic.join(timeout=120)
         context = "a second worker joined, then the first one stopped"
-        enriched, dead = wait_for_every_event(settings_a, broker.bootstrap, records, n_valid, malformed, [a, b],
-                                              context)
+        enriched, dead = wait_for_every_event(settings_a, broker.bootstrap, n_valid, malformed=malformed,
+                                              n_inputs=len(records), workers=[a, b], context=context)
         assert_commits_reach_the_ends(settings_a, broker.bootstrap, len(records), [a, b], context)
     finally:
         a.stop()

@@ -34,7 +34,8 @@ def campus_features(shared_data: Path) -> list[dict]:
     west_half = shapely.box(116.28, 39.95, 116.3225, 40.05)
     return [
         {**campus, "id": "campus"},
-        {"type": "Feature", "id": "west", "geometry": shapely.geometry.mapping(shapely.box(116.30, 39.98, 116.3225, 40.01)),
+        {"type": "Feature", "id": "west",
+         "geometry": shapely.geometry.mapping(shapely.box(116.30, 39.98, 116.3225, 40.01)),
          "properties": {"name": "west of the campus centre"}},
         {"type": "Feature", "id": "gate", "geometry": {"type": "Point", "coordinates": [116.3265, 40.0030]},
          "properties": {"radius_m": 150}},
@@ -109,7 +110,8 @@ def test_geofence_update_and_delete_mid_stream(broker, prefix, tmp_path: Path):
     square = lambda fid, d: {"type": "Feature", "id": fid, "properties": {},  # noqa: E731
                              "geometry": shapely.geometry.mapping(shapely.box(lon - d, lat - d, lon + d, lat + d))}
     path = tmp_path / "fences.geojson"
-    path.write_bytes(orjson.dumps({"type": "FeatureCollection", "features": [square("keep", 0.01), square("gone", 0.01)]}))
+    path.write_bytes(orjson.dumps({"type": "FeatureCollection",
+                                   "features": [square("keep", 0.01), square("gone", 0.01)]}))
     assert cli(settings, "geofences", "load", str(path)).returncode == 0
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
     start = int(time.time() * 1000) - 60_000

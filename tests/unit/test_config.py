@@ -15,7 +15,8 @@ def test_defaults_are_the_contract():
 
 
 def test_environment_then_flags_override():
-    env = {"FLEETSTREAM_PARTITIONS": "4", "FLEETSTREAM_BROKER": "kafka://a:1,b:2", "FLEETSTREAM_H3_EXTRA_RESOLUTIONS": "7,8"}
+    env = {"FLEETSTREAM_PARTITIONS": "4", "FLEETSTREAM_BROKER": "kafka://a:1,b:2",
+           "FLEETSTREAM_H3_EXTRA_RESOLUTIONS": "7,8"}
     s = Settings.load(env=env)
     assert s.partitions == 4
     assert s.bootstrap_servers == ["a:1", "b:2"]
