@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -46,6 +47,7 @@ from fleetstream.domain.trips import TrackEvent
 from fleetstream.streaming.aggregates import Aggregation, BatchRows
 from fleetstream.streaming.output import OutRecord
 
+_third, _lat, _lon = itemgetter(2), attrgetter("lat"), attrgetter("lon")
 _new = tuple.__new__  # a NamedTuple from all its fields, without its constructor's argument handling (2x cheaper)
 SETTLED_DEVICES_LIMIT = 1_000_000  # devices remembered as settled inside geofences (then forgotten at once)
 
@@ -325,8 +327,9 @@ class PositionPipeline:
 
         index = self.geofences()
         if index is not None and len(index):
-            lats = np.fromiter((fix.lat for _, _, fix in accepted), dtype=np.float64, count=len(accepted))
-            lons = np.fromiter((fix.lon for _, _, fix in accepted), dtype=np.float64, count=len(accepted))
+            fixes = list(map(_third, accepted))  # (C-level getters: a generator per array cost ~0.1 us per fix)
+            lats = np.fromiter(map(_lat, fixes), dtype=np.float64, count=len(fixes))
+            lons = np.fromiter(map(_lon, fixes), dtype=np.float64, count=len(fixes))
             inside: Sequence[tuple[str, ...]] = index.lookup(lats, lons)
         else:
             index = None
@@ -409,11 +412,17 @@ class PositionPipeline:
                 new_state = new_state.with_geofences(fences)
             if previous is not None and previous.held is not None and new_state.held is not previous.held:
                 new_state = new_state._replace(held=previous.held)
-            events: list[GeofenceEvent] = []
+            events: Sequence[GeofenceEvent] = ()
             if index is not None or new_state.fences:
-                new_state, events = self._transitions(
-                    out, record, accepted_previous, new_state, fix, fences, index, self.settings.geofence_events_topic
-                )
+                # _transitions' settled-devices memo, checked here first: most fixes with geofences stop there
+                memberships = accepted_previous.fences if accepted_previous is not None else None
+                settled = self._settled.get(fix.device_id) \
+                    if memberships is not None and index is self._settled_index else None
+                if settled is None or settled[0] is not memberships or settled[1] != fences:
+                    new_state, events = self._transitions(
+                        out, record, accepted_previous, new_state, fix, fences, index,
+                        self.settings.geofence_events_topic,
+                    )
             stored = new_state
             if self.aggregation is not None:
                 rows = out.agg_rows.get(record.partition)
