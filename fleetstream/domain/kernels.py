@@ -263,6 +263,13 @@ def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, coarse: 
         found_point[m] = k // n_keys
         m += 1
         total += 1 if word & SINGLE else np.int64(word & _LOW32) - np.int64(word >> np.uint64(32))
+    # the lists' first and last entries, read ahead in a loop of their own (the loop below waits on each in
+    # turn); kept in a sum so that the reads are not dropped
+    listed_ahead = np.uint64(0)
+    for k in range(m):
+        word = found_word[k]
+        if not word & SINGLE:
+            listed_ahead += entries[np.int64(word >> np.uint64(32))] + entries[np.int64(word & _LOW32) - 1]
     points = np.empty(total, dtype=np.int64)
     fences = np.empty(total, dtype=np.int64)
     count = 0
@@ -301,11 +308,15 @@ def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, coarse: 
     for k in range(total):
         if bucket[k] >= 0:
             word[k] = gwords[bucket[k]]
-    # the first edge's vertex of every pair, read ahead in a loop of its own (see above); kept so it is not dropped
+    # the first and last vertex of every pair's edges, read ahead in a loop of their own (see above); kept in a
+    # sum so that the reads are not dropped
     ahead = 0.0
     for k in range(total):
-        if bucket[k] >= 0 and (word[k] >> 2) & 0xFFFFF:
+        edge_count = (word[k] >> 2) & 0xFFFFF
+        if bucket[k] >= 0 and edge_count:
             ahead += vertices[_first_vertex(word[k], gedges), 0]
+            if not word[k] & 2:
+                ahead += vertices[(word[k] >> 22) + edge_count, 0]
     keep = 0
     for k in range(total):
         v = fences[k]
@@ -324,7 +335,8 @@ def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, coarse: 
         points[keep] = points[k]
         fences[keep] = v
         keep += 1
-    if ahead != ahead:  # never (NaN): only uses the read-ahead sum
+    ahead += float(listed_ahead & np.uint64(1))
+    if ahead != ahead:  # never (NaN: coordinates are finite): only uses the read-ahead sums
         keep = 0
     return points[:keep], fences[:keep]
 
