@@ -643,12 +643,11 @@ class GeofenceIndex:
         interior, ~f boundary) and which descendant of the key it belongs to (``_entry_codes``). A point
         probes one slot per coarse resolution present and one for its group, then reads one contiguous list."""
         keys, values = _push_down(keys, values)
-        self._n_cells = len(np.unique(keys))
-        self._resolutions = tuple(int(r) for r in np.unique(cell_resolutions(keys)))
+        self._n_entries = len(keys)
         assert len(self.fences) < 1 << (ENTRY_CODE_SHIFT - 1), "fence numbers must fit an entry"
         res = cell_resolutions(keys)
-        grouped = res >= GROUP_RESOLUTION
-        groups = np.where(grouped, parent_cells(keys, np.minimum(res, GROUP_RESOLUTION)), keys)
+        self._resolutions = tuple(np.flatnonzero(np.bincount(res, minlength=16)).tolist())
+        groups = np.where(res >= GROUP_RESOLUTION, parent_cells(keys, np.minimum(res, GROUP_RESOLUTION)), keys)
         codes = _entry_codes(keys, res)
         entries = (codes.astype(np.uint32) << np.uint32(ENTRY_CODE_SHIFT)) | (
             values.astype(np.int32).view(np.uint32) & np.uint32(ENTRY_VALUE_MASK))
@@ -695,7 +694,7 @@ class GeofenceIndex:
         """Sorted ids of the geofences covering each point. ``cells``: the points' cells at LOOKUP_RESOLUTION
         (uint64), when the caller has them already."""
         n = len(lats)
-        if n == 0 or not self._n_cells:
+        if n == 0 or not self._n_entries:
             return [()] * n
         lats = np.ascontiguousarray(lats, dtype=np.float64)
         lons = np.ascontiguousarray(lons, dtype=np.float64)
@@ -757,7 +756,8 @@ class AnswerSets:
     def __init__(self, ids: np.ndarray, limit: int = 1_000_000) -> None:
         self._ids = ids.tolist()
         rng = np.random.default_rng(0x5EED)
-        self._salt = rng.integers(0, 2**64 - 1, size=(2, len(self._ids)), dtype=np.uint64, endpoint=True)
+        salt = rng.integers(0, 2**64 - 1, size=(2, len(self._ids)), dtype=np.uint64, endpoint=True)
+        self._salt = np.ascontiguousarray(salt.T)  # a fence's two numbers side by side: one cache line per pair
         self._limit = limit
         self._reset()
 

@@ -345,7 +345,8 @@ def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, coarse: 
 def point_sets(n: np.int64, points: np.ndarray, fences: np.ndarray, salt: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per point of (point, fence) pairs given in point order: how many fences, the first one, where its pairs
-    start, and the two salted sums that name its set (``AnswerSets``; sums wrap mod 2**64)."""
+    start, and the two salted sums that name its set (``AnswerSets``; sums wrap mod 2**64; ``salt``: one row of
+    two numbers per fence, so one cache line per pair)."""
     count = np.zeros(n, dtype=np.int64)
     first = np.zeros(n, dtype=np.int64)
     start = np.zeros(n, dtype=np.int64)
@@ -358,8 +359,8 @@ def point_sets(n: np.int64, points: np.ndarray, fences: np.ndarray, salt: np.nda
             first[p] = f
             start[p] = k
         count[p] += 1
-        sum0[p] += salt[0, f]
-        sum1[p] += salt[1, f]
+        sum0[p] += salt[f, 0]
+        sum1[p] += salt[f, 1]
     return count, first, start, sum0, sum1
 
 
