@@ -19,7 +19,7 @@ LOAD = 0.5  # cells per slot
 class CellHash:
     """The slot of each of ``cells`` (distinct, non-zero) in an open-addressing table, -1 for any other cell.
     Each slot is a record of two uint64: the key, and a word the caller fills (``payload``; the index: where
-    the slot's fence numbers are, or the only one). A found key's word is then on the key's cache line."""
+    the slot's entries are, or the only one). A found key's word is then on the key's cache line."""
 
     def __init__(self, keys: np.ndarray, capacity: int, max_probe: int) -> None:
         self.records = np.zeros((len(keys), 2), dtype=np.uint64)

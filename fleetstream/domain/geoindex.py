@@ -36,11 +36,17 @@ jagged polygons (many short spikes) still leave a good share of their points to 
 Lookup, per batch of points (cells at LOOKUP_RESOLUTION given or computed), compiled (``kernels``), in phases
 over the batch so that the CPU keeps many cache misses in flight (the tables outgrow its caches):
 
-- Table: the batch's cells derived at every resolution present are looked up in an open-addressing hash table
-  of all cover cells (``cellhash.CellHash``: splitmix64, linear probing, half full; one or two probes per key
-  whatever the number of geofences, where a sorted array took ~20 cache-missing steps). Each slot owns a CSR
-  list of fence numbers, f for interior and ~f for boundary. A sparse coarsest resolution is stored as its
-  descendants (``_push_down``): one resolution fewer to probe.
+- Table: an open-addressing hash table (``cellhash.CellHash``: splitmix64, linear probing, half full; one or
+  two probes per key whatever the number of geofences, where a sorted array took ~20 cache-missing steps)
+  keyed by *group*: a cover cell at GROUP_RESOLUTION (9) or finer is stored under its GROUP_RESOLUTION
+  ancestor, a coarser one under itself. Each slot owns one list of entries (32 bits: the fence value, f for
+  interior and ~f for boundary, and a code naming the key itself, its child or its grandchild:
+  ``_entry_codes``). A point probes its group and each coarser resolution present, and keeps the entries
+  with its own codes: one probe and one short contiguous list where three probes (resolutions 9, 10, 11) and
+  their lists missed the caches separately (at 100,000 geofences the table is far larger than the caches,
+  so each probe costs a DRAM access). The table shrinks too: one slot per group, 4 bytes per entry (the
+  index of 100,000 geofences: 579 MB, 825 MB with a slot per cell). A sparse coarsest resolution is stored
+  as its descendants (``_push_down``): one resolution fewer to probe.
 - Exact test of boundary pairs, without GEOS: polygons by crossing numbers over per-polygon bucket grids
   (``polygrid.PolygonGrids``: each pair reads the few edges of its bucket and the bucket corner's precomputed
   status); circles by chord length between unit vectors, corridors by cross-track sines and end-point chords
@@ -50,8 +56,9 @@ over the batch so that the CPU keeps many cache misses in flight (the tables out
 - Answers: (point, fence number) pairs become tuples of ids only at the end (numpy): a point in exactly one
   geofence gets that fence's cached 1-tuple, a point in several the tuple cached for its set (``AnswerSets``).
 
-Memory: each cover cell is stored once (hash slot key + CSR entry; ``with_changes`` and ``cover`` read covers
-back from the table); polygons add their vertices (16 B each) and about two grid buckets per edge.
+Memory: each cover cell is stored once (a 4-byte entry; each group a hash slot of 2 x 16 B; ``with_changes``
+and ``cover`` read covers back from the table, ``_entry_cells``); polygons add their vertices (16 B each) and
+about two grid buckets per edge (8 B each).
 
 The index is immutable: ``with_changes`` builds a new one (covering only new or reshaped geofences) for the
 worker to swap in whole. Only the memory of answer tuples grows as lookups meet new sets of geofences (it is
@@ -76,11 +83,12 @@ from shapely.geometry import Polygon
 from fleetstream.domain.cellhash import CellHash
 from fleetstream.domain.geo import EARTH_RADIUS_M, destination
 from fleetstream.domain.geofences import Geofence, GeofenceKind
-from fleetstream.domain.kernels import SINGLE, lookup_pairs, point_sets, within_many
+from fleetstream.domain.kernels import ENTRY_CODE_SHIFT, ENTRY_VALUE_MASK, SINGLE, lookup_pairs, point_sets, within_many
 from fleetstream.domain.polygrid import PolygonGrids
 
 LOOKUP_RESOLUTION = 11  # points are looked up by their cell at this resolution, and its parents
 MAX_RESOLUTION = LOOKUP_RESOLUTION
+GROUP_RESOLUTION = LOOKUP_RESOLUTION - 2  # table slots are keyed by a cell's ancestor here (see _entry_codes)
 DEPTH = 3  # refinement levels below a geofence's start resolution (deeper: fewer exact tests, more cells)
 REACH = 1.25  # every point of a res-r cell's region is within REACH * edge(r) of its centre (1.14 measured)
 SAMPLE_STEP = 0.5  # polygon boundary samples every SAMPLE_STEP * edge(finest res) (a quarter edge to the nearest)
@@ -484,6 +492,40 @@ def cover_fence(fence: Geofence) -> FenceCover:
     return cover_fences([fence])[0]
 
 
+def _entry_codes(cells: np.ndarray, res: np.ndarray) -> np.ndarray:
+    """Which descendant of its group key (GROUP_RESOLUTION ancestor) each cell is: 0 the key itself (and
+    cells coarser than GROUP_RESOLUTION, their own keys), 1 + d its child of digit d, 8 + 7 d + e the
+    grandchild of digits d, e (< 57: 6 bits). A point matches codes 0, 1 + d and 8 + 7 d + e of its own digits
+    (``kernels.lookup_pairs``)."""
+    assert int(res.max(initial=0)) <= GROUP_RESOLUTION + 2
+    d = (cells >> (_U3 * (_U15 - np.uint64(GROUP_RESOLUTION + 1)))) & np.uint64(7)
+    e = (cells >> (_U3 * (_U15 - np.uint64(GROUP_RESOLUTION + 2)))) & np.uint64(7)
+    below = res.astype(np.int64) - GROUP_RESOLUTION
+    return np.where(below == 1, 1 + d, np.where(below == 2, 8 + 7 * d + e, 0)).astype(np.uint32)
+
+
+def _entry_cells(groups: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The cells of entries from their group keys and codes (``_entry_codes`` undone)."""
+    codes = codes.astype(np.uint64)
+    child = (codes >= 1) & (codes < 8)
+    grandchild = codes >= 8
+    d = np.where(child, codes - _U1, np.where(grandchild, (codes - np.uint64(8)) // np.uint64(7), 0))
+    e = np.where(grandchild, (codes - np.uint64(8)) % np.uint64(7), 0)
+    res = np.where(child, GROUP_RESOLUTION + 1, GROUP_RESOLUTION + 2).astype(np.uint64)
+    shift_d = _U3 * (_U15 - np.uint64(GROUP_RESOLUTION + 1))
+    shift_e = _U3 * (_U15 - np.uint64(GROUP_RESOLUTION + 2))
+    below = (groups & ~_RES_MASK & ~(np.uint64(7) << shift_d)) | (res << _RES_SHIFT) | (d << shift_d)
+    below = np.where(grandchild, (below & ~(np.uint64(7) << shift_e)) | (e << shift_e), below)
+    return np.where(codes == 0, groups, below)
+
+
+def _entry_values(entries: np.ndarray) -> np.ndarray:
+    """The fence values (f or ~f) of entries: their low ENTRY_CODE_SHIFT bits, sign extended."""
+    low = (entries & np.uint32(ENTRY_VALUE_MASK)).astype(np.int32)
+    sign = np.int32(1 << (ENTRY_CODE_SHIFT - 1))
+    return np.where(low >= sign, low - 2 * sign, low).astype(np.int32)
+
+
 def _push_down(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Store the coarsest resolution's cells as their descendants at the next resolution present while that
     adds at most PUSH_DOWN x the table's size: a resolution fewer to probe for every point of every batch (a
@@ -580,12 +622,12 @@ class GeofenceIndex:
         single = (word & SINGLE) != 0
         low = (word & np.uint64(0xFFFFFFFF)).astype(np.int64)
         starts = (word >> np.uint64(32)).astype(np.int64)
-        counts = np.where(single, 0, low - starts)
+        counts = np.where(single | (keys == 0), 0, low - starts)
         listed = np.repeat(np.arange(len(keys)), counts)
         offsets = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
-        inline = low[single].astype(np.uint32).view(np.int32)
-        return (np.concatenate((keys[single], keys[listed])),
-                np.concatenate((inline, self._values[offsets])).astype(np.int32))
+        groups = np.concatenate((keys[single], keys[listed]))
+        entries = np.concatenate((low[single].astype(np.uint32), self._group_entries[offsets]))
+        return _entry_cells(groups, entries >> np.uint32(ENTRY_CODE_SHIFT)), _entry_values(entries)
 
     def cover(self, fence_id: str) -> FenceCover:
         """One geofence's cover, read back from the lookup table."""
@@ -596,30 +638,38 @@ class GeofenceIndex:
         return FenceCover(int(cell_resolutions(both).max()) if len(both) else LOOKUP_RESOLUTION, inner, edge)
 
     def _build_table(self, keys: np.ndarray, values: np.ndarray) -> None:
-        """All cover cells of all resolutions in one hash table, and per slot of it one CSR list of fence
-        numbers, interior ones as f and boundary ones as ~f (one expansion per batch yields both)."""
+        """All cover cells in one hash table keyed by their GROUP_RESOLUTION ancestor (cells of a coarser
+        resolution: by themselves), one slot per group; per slot the entries of its group: fence value (f
+        interior, ~f boundary) and which descendant of the key it belongs to (``_entry_codes``). A point
+        probes one slot per coarse resolution present and one for its group, then reads one contiguous list."""
         keys, values = _push_down(keys, values)
-        cells, rows = np.unique(keys, return_inverse=True)
+        self._n_entries = len(keys)
+        assert len(self.fences) < 1 << (ENTRY_CODE_SHIFT - 1), "fence numbers must fit an entry"
+        res = cell_resolutions(keys)
+        self._resolutions = tuple(np.flatnonzero(np.bincount(res, minlength=16)).tolist())
+        groups = np.where(res >= GROUP_RESOLUTION, parent_cells(keys, np.minimum(res, GROUP_RESOLUTION)), keys)
+        codes = _entry_codes(keys, res)
+        entries = (codes.astype(np.uint32) << np.uint32(ENTRY_CODE_SHIFT)) | (
+            values.astype(np.int32).view(np.uint32) & np.uint32(ENTRY_VALUE_MASK))
+        cells, rows = np.unique(groups, return_inverse=True)
         self._table, slot_of = CellHash.build(cells)
         slots = slot_of[rows]
-        order = np.lexsort((values, slots))
-        slots, values = slots[order], values[order]
-        # a slot with one fence keeps it in its word; the others point into one array of their values
+        order = np.lexsort((entries, slots))
+        slots, entries = slots[order], entries[order]
+        # a slot with one entry keeps it in its word; the others point into one array of their entries
         counts = np.bincount(slots, minlength=len(self._table))
         listed = counts[slots] > 1
-        self._values = values[listed]
+        self._group_entries = entries[listed]
         ptr = np.concatenate(([0], np.cumsum(np.bincount(slots[listed], minlength=len(self._table))))).astype(np.uint64)
         word = self._table.payload
         word[:] = (ptr[:-1] << np.uint64(32)) | ptr[1:]
         alone = ~listed
-        word[slots[alone]] = SINGLE | values[alone].astype(np.int64).astype(np.uint64) & np.uint64(0xFFFFFFFF)
-        self._n_cells = len(cells)
-        res = np.unique(cell_resolutions(cells))
-        self._resolutions = tuple(int(r) for r in res)
+        word[slots[alone]] = SINGLE | entries[alone].astype(np.uint64)
+        coarse = np.array([r for r in self._resolutions if r < GROUP_RESOLUTION], dtype=np.uint64)
         shapes = self._shapes
         grids = shapes.grids.kernel_arrays() if shapes.grids is not None else ()
-        self._kernel_args = (res.astype(np.uint64), self._table.records, self._table.capacity,
-                             self._table.max_probe, self._values, shapes.kinds, shapes.grid_of, *grids,
+        self._kernel_args = (coarse, np.uint64(GROUP_RESOLUTION), self._table.records, self._table.capacity,
+                             self._table.max_probe, self._group_entries, shapes.kinds, shapes.grid_of, *grids,
                              shapes.centre_unit, shapes.chord2, shapes.sin_r, shapes.seg_ptr,
                              np.ascontiguousarray(shapes.seg_vectors), shapes.seg_degenerate)
 
@@ -644,7 +694,7 @@ class GeofenceIndex:
         """Sorted ids of the geofences covering each point. ``cells``: the points' cells at LOOKUP_RESOLUTION
         (uint64), when the caller has them already."""
         n = len(lats)
-        if n == 0 or not self._n_cells:
+        if n == 0 or not self._n_entries:
             return [()] * n
         lats = np.ascontiguousarray(lats, dtype=np.float64)
         lons = np.ascontiguousarray(lons, dtype=np.float64)
@@ -686,7 +736,7 @@ class GeofenceIndex:
         geometries estimated from their coordinates (16 B each plus ~200 B per geometry object), plus ~300 B
         per geofence for records, the id map and the cached 1-tuples. Answer tuples learned at lookup and the
         Geofence objects' own copies of the geometries are not counted."""
-        arrays = sum(a.nbytes for a in (self._values, self._shapes.segs, self._shapes.seg_ptr))
+        arrays = sum(a.nbytes for a in (self._group_entries, self._shapes.segs, self._shapes.seg_ptr))
         arrays += self._table.memory_bytes()
         arrays += self._shapes.grids.memory_bytes() if self._shapes.grids is not None else 0
         geoms = self._shapes.geoms
@@ -706,7 +756,8 @@ class AnswerSets:
     def __init__(self, ids: np.ndarray, limit: int = 1_000_000) -> None:
         self._ids = ids.tolist()
         rng = np.random.default_rng(0x5EED)
-        self._salt = rng.integers(0, 2**64 - 1, size=(2, len(self._ids)), dtype=np.uint64, endpoint=True)
+        salt = rng.integers(0, 2**64 - 1, size=(2, len(self._ids)), dtype=np.uint64, endpoint=True)
+        self._salt = np.ascontiguousarray(salt.T)  # a fence's two numbers side by side: one cache line per pair
         self._limit = limit
         self._reset()
 

@@ -1,7 +1,7 @@
 """Compiled inner loops of GeofenceIndex lookups (numba).
 
-Why: a lookup is a few reads per point into tables larger than the CPU caches (hash slots, fence lists, polygon
-buckets and edges) and very little arithmetic. The numpy version paid for ~150 whole-array calls and their
+Why: a lookup is a few reads per point into tables larger than the CPU caches (hash slots, entry lists, polygon
+buckets and vertices) and very little arithmetic. The numpy version paid for ~150 whole-array calls and their
 temporaries per batch; these loops read each slot, list and edge once, in phases over the batch whose
 iterations do not wait on each other, so the CPU keeps many cache misses in flight (about 2x the numpy
 version's rate at 10,000 geofences, measured side by side). The arithmetic is plain IEEE double (no fast-math);
@@ -21,7 +21,10 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _RES_MASK = np.uint64(0xF) << np.uint64(52)
 _LOW32 = np.uint64(0xFFFFFFFF)
-SINGLE = np.uint64(1) << np.uint64(63)  # a slot word holding its slot's only fence value
+SINGLE = np.uint64(1) << np.uint64(63)  # a slot word holding its slot's only entry
+ENTRY_CODE_SHIFT = 26  # a table entry: descendant code (6 bits) << 26 | fence value (f or ~f, 26 bits)
+ENTRY_VALUE_MASK = (1 << ENTRY_CODE_SHIFT) - 1
+_SIGN = np.int64(1) << np.int64(ENTRY_CODE_SHIFT - 1)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -86,10 +89,18 @@ def _bucket(g: np.int64, px: float, py: float, params: np.ndarray) -> np.int64:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _crossings(g: np.int64, bucket: np.int64, first: np.int64, last: np.int64, px: float, py: float,
-               params: np.ndarray, edges: np.ndarray, vertices: np.ndarray) -> bool:
-    """Inside status of (px, py) in its bucket: the corner's status (low bit of ``first``) flipped by every edge
-    crossing the path right to the bucket's right side, then down it to the corner; True on an edge."""
+def _first_vertex(word: np.int64, edges: np.ndarray) -> np.int64:
+    """The first vertex of a bucket's first edge (its word: see ``polygrid._bucket_words``)."""
+    start = word >> 22
+    return np.int64(edges[start]) if word & 2 else start
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _crossings(g: np.int64, bucket: np.int64, word: np.int64, px: float, py: float, params: np.ndarray,
+               edges: np.ndarray, vertices: np.ndarray) -> bool:
+    """Inside status of (px, py) in its bucket: the corner's status (bit 0 of the bucket's ``word``) flipped by
+    every edge crossing the path right to the bucket's right side, then down it to the corner; True on an edge.
+    The bucket's edges are consecutive edges from the word's start, or listed in ``edges`` (bit 1)."""
     x0 = params[g, 0]
     y0 = params[g, 1]
     dx = params[g, 2]
@@ -98,11 +109,13 @@ def _crossings(g: np.int64, bucket: np.int64, first: np.int64, last: np.int64, p
     local = bucket - np.int64(params[g, 6])
     i = local % nx
     j = local // nx
-    odd = (first & 1) == 1
+    odd = (word & 1) == 1
+    listed = (word & 2) != 0
+    start = word >> 22
     right = x0 + (i + 1) * dx
     bottom = y0 + j * dy
-    for k in range((first >> 1), (last >> 1)):
-        e = edges[k]
+    for k in range((word >> 2) & 0xFFFFF):
+        e = np.int64(edges[start + k]) if listed else start + k
         x1 = vertices[e, 0]
         y1 = vertices[e, 1]
         x2 = vertices[e + 1, 0]
@@ -125,22 +138,22 @@ def _crossings(g: np.int64, bucket: np.int64, first: np.int64, last: np.int64, p
 
 
 @njit(cache=True, nogil=True)
-def covers_one(g: np.int64, px: float, py: float, params: np.ndarray, ptr: np.ndarray, edges: np.ndarray,
+def covers_one(g: np.int64, px: float, py: float, params: np.ndarray, words: np.ndarray, edges: np.ndarray,
                vertices: np.ndarray) -> bool:
     """Whether polygon grid ``g`` covers the point (px, py) = (lon, lat): ``PolygonGrids.covers`` for one pair
     (crossing numbers over the point's bucket's edges from the bucket corner's known status)."""
     bucket = _bucket(g, px, py, params)
     if bucket < 0:
         return False
-    return _crossings(g, bucket, ptr[bucket], ptr[bucket + 1], px, py, params, edges, vertices)
+    return _crossings(g, bucket, words[bucket], px, py, params, edges, vertices)
 
 
 @njit(cache=True, nogil=True)
-def covers_many(fences: np.ndarray, lons: np.ndarray, lats: np.ndarray, params: np.ndarray, ptr: np.ndarray,
+def covers_many(fences: np.ndarray, lons: np.ndarray, lats: np.ndarray, params: np.ndarray, words: np.ndarray,
                 edges: np.ndarray, vertices: np.ndarray) -> np.ndarray:
     out = np.zeros(len(fences), dtype=np.bool_)
     for k in range(len(fences)):
-        out[k] = covers_one(fences[k], lons[k], lats[k], params, ptr, edges, vertices)
+        out[k] = covers_one(fences[k], lons[k], lats[k], params, words, edges, vertices)
     return out
 
 
@@ -189,40 +202,49 @@ def within_many(fences: np.ndarray, kinds: np.ndarray, lats: np.ndarray, lons: n
     return out
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _entry_value(entry: np.int64) -> np.int64:
+    """The fence value (f or ~f) of a table entry: its low ENTRY_CODE_SHIFT bits, sign extended."""
+    v = entry & ENTRY_VALUE_MASK
+    return v - 2 * _SIGN if v >= _SIGN else v
+
+
 @njit(cache=True, nogil=True)
-def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, resolutions: np.ndarray,
-                 records: np.ndarray, capacity: np.uint64, max_probe: np.int64, values: np.ndarray,
-                 kinds: np.ndarray, grid_of: np.ndarray, params: np.ndarray, gptr: np.ndarray, gedges: np.ndarray,
+def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, coarse: np.ndarray, group_res: np.uint64,
+                 records: np.ndarray, capacity: np.uint64, max_probe: np.int64, entries: np.ndarray,
+                 kinds: np.ndarray, grid_of: np.ndarray, params: np.ndarray, gwords: np.ndarray, gedges: np.ndarray,
                  vertices: np.ndarray, centre_unit: np.ndarray, chord2: np.ndarray, sin_r: np.ndarray,
                  seg_ptr: np.ndarray, seg_vectors: np.ndarray,
                  seg_degenerate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every (point, fence number) pair where the fence covers the point: per point, its cell's parent at each
-    resolution of the table is probed (linear probing, as ``CellHash.find``); each fence listed in a found slot
-    is taken as is (interior, value f) or after the exact test (boundary, value ~f). A slot's second word holds
-    its only fence value (SINGLE set, the value's 32 bits below) or where its list is in ``values`` (start << 32
-    | end).
+    """Every (point, fence number) pair where the fence covers the point: per point, one slot is probed for
+    its cell's ancestor at ``group_res`` and one per ``coarse`` resolution (linear probing, as
+    ``CellHash.find``); of the found slots' entries, those whose code is the point's (0, its child or
+    grandchild of the key: ``geoindex._entry_codes``) give fences taken as is (interior, value f) or after
+    the exact test (boundary, value ~f). A slot's second word holds its only entry (SINGLE set, the entry's
+    32 bits below) or where its list is in ``entries`` (start << 32 | end).
 
-    In phases over the whole batch, each a loop of independent reads (hash slots, then fence lists, then the
+    In phases over the whole batch, each a loop of independent reads (hash slots, then entry lists, then the
     polygons' buckets, then their edges): the tables are larger than the CPU caches, and a loop whose
     iterations do not wait on each other keeps many cache misses in flight where one chain per point would
     wait for each in turn."""
     n = len(cells)
-    n_res = len(resolutions)
-    # 1. hash slots of every (point, resolution) key, and what the table holds there
-    probes = n * n_res
+    n_keys = len(coarse) + 1
+    shift_child = np.uint64(3) * (np.uint64(14) - group_res)
+    # 1. hash slots of every (point, key), and what the table holds there
+    probes = n * n_keys
     wanted = np.empty(probes, dtype=np.uint64)
     slots = np.empty(probes, dtype=np.int64)
     for p in range(n):
-        for r in range(n_res):
-            key = _parent(cells[p], resolutions[r])
-            wanted[p * n_res + r] = key
-            slots[p * n_res + r] = _slot(key, capacity)
+        for r in range(n_keys):
+            key = _parent(cells[p], coarse[r] if r < n_keys - 1 else group_res)
+            wanted[p * n_keys + r] = key
+            slots[p * n_keys + r] = _slot(key, capacity)
     held = np.empty(probes, dtype=np.uint64)
     words = np.empty(probes, dtype=np.uint64)
     for k in range(probes):
         held[k] = records[slots[k], 0]
         words[k] = records[slots[k], 1]  # the same cache line
-    # 2. found slots -> their fence values
+    # 2. found slots -> their entries (an upper bound on the pairs first)
     found_word = np.empty(probes, dtype=np.uint64)
     found_point = np.empty(probes, dtype=np.int64)
     m = 0
@@ -238,24 +260,40 @@ def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, resoluti
         else:
             continue
         found_word[m] = word
-        found_point[m] = k // n_res
+        found_point[m] = k // n_keys
         m += 1
         total += 1 if word & SINGLE else np.int64(word & _LOW32) - np.int64(word >> np.uint64(32))
+    # the lists' first and last entries, read ahead in a loop of their own (the loop below waits on each in
+    # turn); kept in a sum so that the reads are not dropped
+    listed_ahead = np.uint64(0)
+    for k in range(m):
+        word = found_word[k]
+        if not word & SINGLE:
+            listed_ahead += entries[np.int64(word >> np.uint64(32))] + entries[np.int64(word & _LOW32) - 1]
     points = np.empty(total, dtype=np.int64)
     fences = np.empty(total, dtype=np.int64)
     count = 0
     for k in range(m):
         word = found_word[k]
+        p = found_point[k]
+        d = np.int64((cells[p] >> shift_child) & np.uint64(7))
+        e = np.int64((cells[p] >> (shift_child - np.uint64(3))) & np.uint64(7))
+        child = 1 + d
+        grandchild = 8 + 7 * d + e
         if word & SINGLE:
-            v = np.int64(word & _LOW32)
-            points[count] = found_point[k]
-            fences[count] = v - (np.int64(1) << 32) if v >= np.int64(1) << 31 else v
-            count += 1
-            continue
-        for e in range(np.int64(word >> np.uint64(32)), np.int64(word & _LOW32)):
-            points[count] = found_point[k]
-            fences[count] = values[e]
-            count += 1
+            lo = np.int64(-1)
+            hi = np.int64(0)
+        else:
+            lo = np.int64(word >> np.uint64(32))
+            hi = np.int64(word & _LOW32)
+        for i in range(lo, hi):
+            entry = np.int64(word & _LOW32) if i < 0 else np.int64(entries[i])
+            code = entry >> ENTRY_CODE_SHIFT
+            if code in (0, child, grandchild):
+                points[count] = p
+                fences[count] = _entry_value(entry)
+                count += 1
+    total = count
     # 3. boundary pairs: polygons' buckets first (one read of the grid's parameters each), then their edges
     grid = np.full(total, -1, dtype=np.int64)
     for k in range(total):
@@ -266,15 +304,19 @@ def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, resoluti
     for k in range(total):
         if grid[k] >= 0:
             bucket[k] = _bucket(grid[k], lons[points[k]], lats[points[k]], params)
-    first = np.empty(total, dtype=np.int64)
+    word = np.empty(total, dtype=np.int64)
     for k in range(total):
         if bucket[k] >= 0:
-            first[k] = gptr[bucket[k]]
-    # the first edge's vertex of every pair, read ahead in a loop of its own (see above); kept so it is not dropped
+            word[k] = gwords[bucket[k]]
+    # the first and last vertex of every pair's edges, read ahead in a loop of their own (see above); kept in a
+    # sum so that the reads are not dropped
     ahead = 0.0
     for k in range(total):
-        if bucket[k] >= 0 and (first[k] >> 1) < (gptr[bucket[k] + 1] >> 1):
-            ahead += vertices[gedges[first[k] >> 1], 0]
+        edge_count = (word[k] >> 2) & 0xFFFFF
+        if bucket[k] >= 0 and edge_count:
+            ahead += vertices[_first_vertex(word[k], gedges), 0]
+            if not word[k] & 2:
+                ahead += vertices[(word[k] >> 22) + edge_count, 0]
     keep = 0
     for k in range(total):
         v = fences[k]
@@ -282,8 +324,8 @@ def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, resoluti
             f = ~v
             p = points[k]
             if kinds[f] == 0:
-                ok = bucket[k] >= 0 and _crossings(grid[k], bucket[k], first[k], gptr[bucket[k] + 1],
-                                                    lons[p], lats[p], params, gedges, vertices)
+                ok = bucket[k] >= 0 and _crossings(grid[k], bucket[k], word[k], lons[p], lats[p], params,
+                                                    gedges, vertices)
             else:
                 ok = within_one(f, kinds[f], lats[p], lons[p], centre_unit, chord2, sin_r, seg_ptr, seg_vectors,
                                 seg_degenerate)
@@ -293,7 +335,8 @@ def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, resoluti
         points[keep] = points[k]
         fences[keep] = v
         keep += 1
-    if ahead != ahead:  # never (NaN): only uses the read-ahead sum
+    ahead += float(listed_ahead & np.uint64(1))
+    if ahead != ahead:  # never (NaN: coordinates are finite): only uses the read-ahead sums
         keep = 0
     return points[:keep], fences[:keep]
 
@@ -302,7 +345,8 @@ def lookup_pairs(cells: np.ndarray, lats: np.ndarray, lons: np.ndarray, resoluti
 def point_sets(n: np.int64, points: np.ndarray, fences: np.ndarray, salt: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per point of (point, fence) pairs given in point order: how many fences, the first one, where its pairs
-    start, and the two salted sums that name its set (``AnswerSets``; sums wrap mod 2**64)."""
+    start, and the two salted sums that name its set (``AnswerSets``; sums wrap mod 2**64; ``salt``: one row of
+    two numbers per fence, so one cache line per pair)."""
     count = np.zeros(n, dtype=np.int64)
     first = np.zeros(n, dtype=np.int64)
     start = np.zeros(n, dtype=np.int64)
@@ -315,8 +359,8 @@ def point_sets(n: np.int64, points: np.ndarray, fences: np.ndarray, salt: np.nda
             first[p] = f
             start[p] = k
         count[p] += 1
-        sum0[p] += salt[0, f]
-        sum1[p] += salt[1, f]
+        sum0[p] += salt[f, 0]
+        sum1[p] += salt[f, 1]
     return count, first, start, sum0, sum1
 
 

@@ -484,3 +484,23 @@ def test_sparse_coarse_resolution_pushed_down_keeps_every_answer(monkeypatch):
     got, expected = pushed.lookup(lats, lons), plain.lookup(lats, lons)
     assert got == expected
     assert sum(1 for a in got if "big" in a) > 1000
+
+
+def test_table_entries_read_back_every_cover(monkeypatch):
+    """The table keys cells by their GROUP_RESOLUTION ancestor (coarser cells by themselves) with a code for
+    the descendant: ``cover`` decodes them back into exactly the cells built, at every resolution."""
+    monkeypatch.setattr(geoindex, "PUSH_DOWN", 0.0)
+    features = [polygon_feature("country", [star(52.0, 5.0, 150_000, [1.0, 0.8] * 10)]),
+                polygon_feature("town", [star(52.1, 5.1, 3_000, [1.0, 0.6] * 12)]),
+                polygon_feature("yard", [star(52.2, 4.9, 60, [1.0, 0.7] * 5)])]
+    features += [polygon_feature(f"s{size}", [star(52.0, 5.2, size, [1.0, 0.6] * 9)]) for size in (200, 500, 1200)]
+    fences = [parse_geofence(f) for f in features]
+    index = GeofenceIndex.build(fences)
+    resolutions = set()
+    for fence, built in zip(fences, geoindex.cover_fences(fences), strict=True):
+        read = index.cover(fence.id)
+        assert np.array_equal(read.interior, np.sort(built.interior))
+        assert np.array_equal(read.boundary, np.sort(built.boundary))
+        resolutions |= set(geoindex.cell_resolutions(np.concatenate((read.interior, read.boundary))).tolist())
+    group = geoindex.GROUP_RESOLUTION
+    assert min(resolutions) < group and {group, group + 1, group + 2} <= resolutions

@@ -128,3 +128,20 @@ def test_cell_hash_finds_rows_and_misses(n, seed):
 def test_polygon_grids_of_no_polygons():
     grids = PolygonGrids(np.empty(0, dtype=object))
     assert grids.covers(np.empty(0, np.int64), np.empty(0), np.empty(0)).tolist() == []
+
+
+def test_bucket_edges_as_runs_or_lists_give_the_same_answers():
+    """A bucket whose edges are consecutive edges of one ring reads them straight from the vertex array; one
+    whose ring passes twice (or closes in it) lists them. Both kinds occur, and answers equal shapely's."""
+    rng = np.random.default_rng(3)
+    spiky = shapely.Polygon(_star(0.0, 0.0, 1.0, list(rng.uniform(0.1, 1.0, 300)), 0.0))
+    grids = PolygonGrids(np.array([spiky], dtype=object))
+    count = (grids.words >> 2) & 0xFFFFF
+    listed = (grids.words & 2) != 0
+    assert (listed & (count > 0)).any() and (~listed & (count > 0)).any()
+    assert len(grids.edges) == count[listed].sum()
+    xs, ys = rng.uniform(-1, 1, 20_000), rng.uniform(-1, 1, 20_000)
+    got = grids.covers(np.zeros(len(xs), np.int64), xs, ys)
+    expected = shapely.intersects_xy(spiky, xs, ys)
+    judged = shapely.distance(spiky.boundary, shapely.points(xs, ys)) > NEAR_DEG
+    assert (got == expected)[judged].all()
