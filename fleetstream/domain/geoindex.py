@@ -644,7 +644,9 @@ class GeofenceIndex:
         probes one slot per coarse resolution present and one for its group, then reads one contiguous list."""
         keys, values = _push_down(keys, values)
         self._n_entries = len(keys)
-        assert len(self.fences) < 1 << (ENTRY_CODE_SHIFT - 1), "fence numbers must fit an entry"
+        limit = (1 << (ENTRY_CODE_SHIFT - 1)) - 1  # fence numbers (and their ~f) must fit an entry's value bits
+        if len(self.fences) > limit:
+            raise ValueError(f"{len(self.fences):,} geofences: one index holds at most {limit:,}")
         res = cell_resolutions(keys)
         self._resolutions = tuple(np.flatnonzero(np.bincount(res, minlength=16)).tolist())
         groups = np.where(res >= GROUP_RESOLUTION, parent_cells(keys, np.minimum(res, GROUP_RESOLUTION)), keys)
