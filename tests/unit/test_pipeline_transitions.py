@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from fleetstream.codecs import format_ts, parse_ts, validate_output
 from fleetstream.config import Settings
 from fleetstream.domain.geoindex import GeofenceIndex
+from fleetstream.domain.transitions import GeofenceEvent, GeofenceEventType
 from fleetstream.streaming import pipeline as pipeline_module
 from fleetstream.streaming.pipeline import InRecord, PositionPipeline
 from tests.unit.test_transitions import LAT, LON, square
@@ -144,8 +145,9 @@ def test_the_plain_step_changes_no_output(seed, devices, batches, per_message):
               if topic == Settings.load(env={}).geofence_events_topic]
     for event in events:
         validate_output("geofence_event", event)
-        assert event["event_id"] == f"{event['device_id']}:{event['geofence_id']}:{event['type']}:" \
-                                    f"{parse_ts(event['ts'])}"
+        as_built = GeofenceEvent(GeofenceEventType(event["type"]), event["device_id"], event["geofence_id"],
+                                 parse_ts(event["ts"]), event["lat"], event["lon"])
+        assert event["event_id"] == as_built.event_id
 
 
 def test_a_parked_device_takes_the_shortcut(monkeypatch):
