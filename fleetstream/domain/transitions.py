@@ -166,8 +166,8 @@ def steady_inside(memberships: Memberships, index: FenceIndex,
     if not memberships or _any_cross(index):
         return None
     if defaults.zero and _plain(index):
-        for member in memberships.values():
-            if not member.inside or member.pending_ms is not None:
+        for fence_id, member in memberships.items():
+            if not member.inside or member.pending_ms is not None or index.get(fence_id) is None:
                 return None
         return tuple(sorted(memberships))
     for fence_id, member in memberships.items():

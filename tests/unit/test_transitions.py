@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 from hypothesis import given, settings
@@ -259,6 +260,25 @@ def test_the_plain_step_gives_what_the_full_step_gives(offsets, wait_s, seed):
             assert transitions.steady_inside(memberships, index, defaults) == (
                 tuple(sorted(memberships)) if memberships and settled else None)
     assert plain_steps >= zero_steps - 1  # only the first zero-settings step may meet runs left pending
+
+
+def test_memberships_of_a_deleted_geofence_are_not_settled():
+    """Plain or not, ``steady_inside`` never calls memberships settled while one names a geofence the index no
+    longer has: the next step must exit it."""
+    from fleetstream.domain import transitions
+
+    memberships, _ = run(INDEX, [Position("d", 1000, LAT + 0.002, LON)])
+    assert "b" in memberships
+    without_b = INDEX.with_changes(deletes=["b"])
+    assert transitions.steady_inside(memberships, INDEX) == tuple(sorted(memberships))
+    assert transitions.steady_inside(memberships, without_b) is None
+    assert transitions.steady_inside(memberships, transitions_not_plain(without_b)) is None
+
+
+def transitions_not_plain(index: GeofenceIndex) -> GeofenceIndex:
+    general = copy.copy(index)
+    general.plain = False
+    return general
 
 
 def test_geofences_with_settings_of_their_own_are_not_plain():
