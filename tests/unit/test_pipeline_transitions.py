@@ -5,7 +5,6 @@ park, wander in and out, dwell, and the index changes under them."""
 
 from __future__ import annotations
 
-import copy
 import random
 
 import orjson
@@ -18,7 +17,7 @@ from fleetstream.domain.geoindex import GeofenceIndex
 from fleetstream.domain.transitions import GeofenceEvent, GeofenceEventType
 from fleetstream.streaming import pipeline as pipeline_module
 from fleetstream.streaming.pipeline import InRecord, PositionPipeline
-from tests.unit.test_transitions import LAT, LON, square
+from tests.unit.test_transitions import LAT, LON, not_plain, square
 
 START_MS = 1_780_000_000_000
 
@@ -73,13 +72,6 @@ PLAIN_FIRST = GeofenceIndex.build([
     square("depot", 400, LAT, LON), square("yard", 150, LAT + 0.001, LON + 0.001),
     square("site", 300, LAT - 0.006, LON + 0.006), square("gate", 80, LAT + 0.005, LON - 0.004)])
 PLAIN_SECOND = PLAIN_FIRST.with_changes(upserts=[square("site", 300, LAT - 0.005, LON + 0.007)], deletes=["yard"])
-
-
-def not_plain(index: GeofenceIndex) -> GeofenceIndex:
-    """The same index with its plain-step shortcut off: every step resolves each geofence's settings."""
-    general = copy.copy(index)
-    general.plain = False
-    return general
 
 
 def run(batches: list[list[InRecord]], swap_at: int, shortcut: bool, applied: bool = False,
