@@ -334,6 +334,7 @@ class PositionPipeline:
         else:
             index = None
             inside = [()] * len(accepted)
+        self._settle_under(index)
 
         states = out.new_states
         step_one = self._step_one
@@ -414,10 +415,9 @@ class PositionPipeline:
                 new_state = new_state._replace(held=previous.held)
             events: Sequence[GeofenceEvent] = ()
             if index is not None or new_state.fences:
-                # _transitions' settled-devices memo, checked here first: most fixes with geofences stop there
+                # the settled-devices memo (see _transitions), checked here: most fixes with geofences stop there
                 memberships = accepted_previous.fences if accepted_previous is not None else None
-                settled = self._settled.get(fix.device_id) \
-                    if memberships is not None and index is self._settled_index else None
+                settled = self._settled.get(fix.device_id) if memberships is not None else None
                 if settled is None or settled[0] is not memberships or settled[1] != fences:
                     new_state, events = self._transitions(
                         out, record, accepted_previous, new_state, fix, fences, index,
@@ -566,6 +566,7 @@ class PositionPipeline:
         if held_due and window_ms:
             index = self.geofences()
             index = index if index is not None and len(index) else None
+            self._settle_under(index)
             pending = pending or {}
             for partition, device_id in held_due:
                 cached = pending.get(device_id)
@@ -610,6 +611,14 @@ class PositionPipeline:
             out.alerts[(alert.rule, alert.severity.value, alert.state.value)] += 1
             out.records.append(OutRecord(topic, alert.subject_id.encode(), dumps(alert_dict(alert)), target))
 
+    def _settle_under(self, index: GeofenceIndex | None) -> None:
+        """Called with the index a batch or a timer tick steps its fixes against: the settled-devices memo holds
+        for one index, so another one clears it (and lets the old index go)."""
+        index = index if index is not None else _NO_GEOFENCES
+        if self._settled_index is not index:
+            self._settled.clear()
+            self._settled_index = index
+
     def _transitions(
         self, out: BatchOutput, record: InRecord, previous: DeviceState | None, state: DeviceState, fix: Position,
         fences: tuple[str, ...], index: GeofenceIndex | None, events_topic: str,
@@ -618,21 +627,13 @@ class PositionPipeline:
 
         Most fixes change nothing: a device outside every geofence, or one that ``steady_inside`` found settled
         inside the same geofences at its last step (same index, same memberships object, same answer) keeps
-        its memberships (``state`` carries them over from ``previous``) without a call to ``step``. The memo is
-        cleared whenever the index changes."""
+        its memberships (``state`` carries them over from ``previous``) without a call to ``step``: the caller,
+        ``_step_one``, checks that memo first; ``_settle_under`` clears it whenever the index changes."""
         if index is None:
             index = _NO_GEOFENCES
-        if self._settled_index is not index:  # a new index: forget what held under the old one (and let it go)
-            self._settled.clear()
-            self._settled_index = index
         memberships = previous.fences if previous is not None else None
-        if memberships is None:
-            if not fences and (previous is None or not index.has_cross):
-                return state, []
-        else:
-            settled = self._settled.get(fix.device_id)
-            if settled is not None and settled[0] is memberships and settled[1] == fences:
-                return state, []
+        if memberships is None and not fences and (previous is None or not index.has_cross):
+            return state, []
         new_memberships, events, inside = step_settled(
             memberships_from_json(memberships), previous, fix, fences, index, self.transition_defaults
         )

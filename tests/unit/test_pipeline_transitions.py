@@ -200,3 +200,43 @@ def test_a_replaced_index_is_not_kept_alive_by_settled_devices():
     pipe.process([InRecord("fleet.positions", 1, 1, b"busy", orjson.dumps(other))])
     gc.collect()
     assert old() is None
+
+
+def test_fixes_the_timer_releases_are_stepped_under_the_index_of_the_tick():
+    """With a reorder window, fixes wait in the device state and a timer tick may step them. Settled in the depot
+    by the last batch, the index then gives the depot a dwell time (same answer) before the tick releases the
+    device's next fixes: they get the dwell event, as they do without the settled-devices memo."""
+    depot = GeofenceIndex.build([square("depot", 400, LAT, LON)])
+    with_dwell = depot.with_changes(upserts=[square("depot", 400, LAT, LON, dwell_s=60)])
+
+    def outputs(shortcut: bool) -> list[tuple]:
+        clock = {"now": START_MS}
+        indexes = {"now": depot}
+        state = DictState()
+        pipe = PositionPipeline(Settings.load(env={}, reorder_window_s=10), state, changelog_topic="changelog",
+                                geofences=lambda: indexes["now"], alert_engine=lambda: None,
+                                clock_ms=lambda: clock["now"])
+        if not shortcut:
+            pipe._settled = NeverSettled()
+        pending: dict = {}
+        seen = []
+
+        def applied(out) -> None:
+            for _, key, value in out.state_writes:
+                state[key] = value
+            pending.update(out.new_states)
+            seen.append((sorted(out.records), dict(out.transitions)))
+
+        for n in range(2):  # two batches 15 s apart: the second releases the first one's fixes
+            clock["now"] = START_MS + 15_000 * n
+            fixes = [{"device_id": "d", "ts": format_ts(START_MS + 30_000 * (3 * n + i)), "lat": LAT, "lon": LON}
+                     for i in range(3)]
+            applied(pipe.process([InRecord("fleet.positions", 0, n, b"d", orjson.dumps(fixes))], pending))
+        indexes["now"] = with_dwell
+        clock["now"] = START_MS + 60_000
+        applied(pipe.tick([], pending_signals={}, now_ms=clock["now"], held_due=[(0, "d")], pending=pending))
+        return seen
+
+    reference = outputs(shortcut=False)
+    assert reference[-1][1] == {"dwell": 1}
+    assert outputs(shortcut=True) == reference
