@@ -504,3 +504,36 @@ def test_table_entries_read_back_every_cover(monkeypatch):
         resolutions |= set(geoindex.cell_resolutions(np.concatenate((read.interior, read.boundary))).tolist())
     group = geoindex.GROUP_RESOLUTION
     assert min(resolutions) < group and {group, group + 1, group + 2} <= resolutions
+
+
+def test_build_in_chunks_on_threads_equals_one_serial_pass(monkeypatch):
+    """Covers built a few geofences at a time on two threads, beside the exact-test structures, are the covers
+    of one serial pass over all of them, and so are the answers (``with_changes`` included)."""
+    rng = np.random.default_rng(11)
+    features = []
+    for i in range(23):
+        lat, lon = 52.0 + rng.uniform(-0.05, 0.05), 5.0 + rng.uniform(-0.08, 0.08)
+        if i % 3 == 0:
+            features.append({"type": "Feature", "id": f"c{i}", "geometry": {"type": "Point", "coordinates": [lon, lat]},
+                             "properties": {"radius_m": float(rng.uniform(100, 900))}})
+        elif i % 7 == 1:
+            features.append({"type": "Feature", "id": f"r{i}", "properties": {"buffer_m": 40},
+                             "geometry": {"type": "LineString", "coordinates": [[lon, lat], [lon + 0.03, lat + 0.01]]}})
+        else:
+            features.append(polygon_feature(f"p{i}", [star(lat, lon, float(rng.uniform(200, 3000)),
+                                                           rng.uniform(0.5, 1.0, 12).tolist())]))
+    fences = [parse_geofence(f) for f in features]
+    serial = GeofenceIndex.build(fences, threads=1)
+    monkeypatch.setattr(geoindex, "BUILD_CHUNK", 4)
+    threaded = GeofenceIndex.build(fences, threads=2)
+    for fence in fences:
+        a, b = serial.cover(fence.id), threaded.cover(fence.id)
+        assert np.array_equal(a.interior, b.interior) and np.array_equal(a.boundary, b.boundary)
+    lats, lons = 52.0 + rng.uniform(-0.07, 0.07, 20_000), 5.0 + rng.uniform(-0.1, 0.1, 20_000)
+    expected = serial.lookup(lats, lons)
+    assert threaded.lookup(lats, lons) == expected
+    assert sum(1 for a in expected if len(a) > 1) > 100
+    moved = parse_geofence(polygon_feature("p2", [star(52.01, 5.01, 700, [1.0] * 9)]))
+    changed = threaded.with_changes([moved, *fences[10:19]], ["c0"])
+    assert changed.lookup(lats, lons) == GeofenceIndex.build([moved, *fences[1:2], *fences[3:]], threads=1).lookup(
+        lats, lons)
