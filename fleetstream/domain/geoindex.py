@@ -85,7 +85,16 @@ from shapely.geometry import Polygon
 from fleetstream.domain.cellhash import CellHash
 from fleetstream.domain.geo import EARTH_RADIUS_M, destination
 from fleetstream.domain.geofences import Geofence, GeofenceKind
-from fleetstream.domain.kernels import ENTRY_CODE_SHIFT, ENTRY_VALUE_MASK, SINGLE, lookup_pairs, point_sets, within_many
+from fleetstream.domain.kernels import (
+    ENTRY_CODE_SHIFT,
+    ENTRY_VALUE_MASK,
+    SINGLE,
+    add_sets,
+    find_sets,
+    lookup_pairs,
+    point_sets,
+    within_many,
+)
 from fleetstream.domain.polygrid import PolygonGrids
 
 LOOKUP_RESOLUTION = 11  # points are looked up by their cell at this resolution, and its parents
@@ -775,26 +784,23 @@ class GeofenceIndex:
 class AnswerSets:
     """Turns (point, fence number) pairs into one tuple of sorted ids per point without a Python loop per
     point: every set of fence numbers met gets a number and its tuple is built once. Set numbers: 0 the empty
-    set, f + 1 the set {f}; a set of several fences is known by two 64-bit sums (mod 2**64) of random numbers
-    drawn per fence (one compiled pass per batch gives every point's), kept in sorted arrays and searched
-    with ``searchsorted``. Two different sets share both sums with probability about 2**-128 per pair of
-    sets. Sets learned during a batch are merged in at its end, their tuples sliced from one sorted array of
-    ids (a few per batch once warm; at 100,000 geofences a cold start meets a new set at a third of the
-    points); past ``limit`` sets the memory starts again from the single sets."""
+    set, f + 1 the set {f}; a set of several fences is known by two 64-bit sums (mod 2**64) of a hash of each
+    member (``kernels.point_sets``), looked up in an open-addressing table (``kernels.find_sets``: one probe,
+    where a binary search over 100,000s of sets missed the caches several times). Two different sets share
+    both sums with probability about 2**-128 per pair of sets. Sets learned during a batch are added at its
+    end, their tuples sliced from one sorted array of ids (a few per batch once warm; at 100,000 geofences a
+    cold start meets a new set at a third of the points); past ``limit`` sets the memory starts again from the
+    single sets."""
 
     def __init__(self, ids: np.ndarray, limit: int = 1_000_000) -> None:
         self._ids = ids.tolist()
         self._ids_array = np.asarray(ids, dtype=object)
-        rng = np.random.default_rng(0x5EED)
-        salt = rng.integers(0, 2**64 - 1, size=(2, len(self._ids)), dtype=np.uint64, endpoint=True)
-        self._salt = np.ascontiguousarray(salt.T)  # a fence's two numbers side by side: one cache line per pair
         self._limit = limit
         self._reset()
 
     def _reset(self) -> None:
-        self._keys = np.empty(0, dtype=np.uint64)  # first sum of each known set, sorted
-        self._check = np.empty(0, dtype=np.uint64)  # its second sum
-        self._sets = np.empty(0, dtype=np.int64)  # its number
+        self._slots = np.zeros((1024, 3), dtype=np.uint64)  # rows: sum0, sum1, set number (0: empty row)
+        self._several = 0  # sets of several fences in the table
         self._tuples = np.empty(len(self._ids) + 1 + 1024, dtype=object)
         self._tuples[: len(self._ids) + 1] = [(), *((i,) for i in self._ids)]
         self._count = len(self._ids) + 1
@@ -806,7 +812,7 @@ class AnswerSets:
         """The sorted ids per point, from its (point, fence number) pairs (in point order, each at most once)."""
         if self._count > self._limit:  # between batches, so no set number in use goes stale
             self._reset()
-        count, first, start, sum0, sum1 = point_sets(n, points, fences, self._salt)
+        count, first, start, sum0, sum1 = point_sets(n, points, fences)
         sets = np.where(count == 1, first + 1, 0)
         several = np.flatnonzero(count > 1)
         if len(several):
@@ -816,15 +822,41 @@ class AnswerSets:
     def _numbers(self, first: np.ndarray, second: np.ndarray, fences: np.ndarray, starts: np.ndarray,
                  counts: np.ndarray) -> np.ndarray:
         """The set number of every group of ``fences`` (``counts`` from ``starts``), learning new sets."""
-        pos = np.minimum(np.searchsorted(self._keys, first), max(len(self._keys) - 1, 0))
-        if len(self._keys):
-            known = (self._keys[pos] == first) & (self._check[pos] == second)
-            result = np.where(known, self._sets[pos], -1)
-        else:
-            known = np.zeros(len(first), dtype=bool)
-            result = np.full(len(first), -1, dtype=np.int64)
-        if known.all():
+        result = find_sets(first, second, self._slots)
+        unknown = np.flatnonzero(result < 0)
+        if not len(unknown):
             return result
+        # the sets not known yet, each once
+        order = unknown[np.lexsort((second[unknown], first[unknown]))]
+        fresh = np.ones(len(order), dtype=bool)
+        fresh[1:] = (first[order[1:]] != first[order[:-1]]) | (second[order[1:]] != second[order[:-1]])
+        numbers = self._count + np.arange(int(fresh.sum()))
+        result[order] = numbers[np.cumsum(fresh) - 1]
+        # their tuples: the members of one point per set, sorted by fence number (= by id), sliced per set
+        reps = order[fresh]
+        sizes = counts[reps]
+        ends = np.cumsum(sizes)
+        owner = np.repeat(np.arange(len(reps)), sizes)
+        members = fences[np.repeat(starts[reps] - ends + sizes, sizes) + np.arange(int(ends[-1]))]
+        names = self._ids_array[members[np.lexsort((members, owner))]].tolist()
+        bounds = ends.tolist()
+        tuples = np.fromiter((tuple(names[a:b]) for a, b in zip([0, *bounds[:-1]], bounds, strict=True)),
+                             dtype=object, count=len(reps))
+        end = self._count + len(reps)
+        if end > len(self._tuples):
+            grown = np.empty(max(2 * len(self._tuples), end), dtype=object)
+            grown[: self._count] = self._tuples[: self._count]
+            self._tuples = grown
+        self._tuples[self._count : end] = tuples
+        self._count = end
+        self._several += len(reps)
+        if 2 * self._several > len(self._slots):  # keep the table at most half full: grow, put every set back
+            used = self._slots[self._slots[:, 2] != 0]
+            size = max(4 * len(self._slots), 1 << (4 * self._several).bit_length())
+            self._slots = np.zeros((size, 3), dtype=np.uint64)
+            add_sets(used[:, 0], used[:, 1], used[:, 2].astype(np.int64), self._slots)
+        add_sets(first[reps], second[reps], numbers, self._slots)
+        return result
         # the sets not known yet, each once (sorted by their sums: the order they are merged in)
         unknown = np.flatnonzero(~known)
         order = unknown[np.lexsort((second[unknown], first[unknown]))]

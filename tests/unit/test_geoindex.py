@@ -424,6 +424,22 @@ def test_answer_sets_equal_sorted_ids(batches, limit):
         assert got == [tuple(ids[sorted(fences)].tolist()) for fences in batch]
 
 
+def test_answer_sets_learn_many_sets_at_once():
+    """Batches that meet thousands of new sets (a cold start at 100,000 geofences), some several times in one
+    batch: the set table grows past its first size and every point still gets its own sorted ids."""
+    ids = np.array([f"f{i:05d}" for i in range(50_000)], dtype=object)
+    answers = geoindex.AnswerSets(ids)
+    rng = np.random.default_rng(5)
+    for size in (3000, 1, 40_000, 300):
+        batch = [sorted(set(rng.integers(0, 50_000, rng.integers(1, 5)).tolist())) for _ in range(size)]
+        batch += batch[: size // 10]  # the same sets again, in the same batch
+        pairs = [(p, f) for p, fences in enumerate(batch) for f in rng.permutation(fences).tolist()]
+        points = np.array([p for p, _ in pairs], dtype=np.int64)
+        fences = np.array([f for _, f in pairs], dtype=np.int64)
+        assert answers.tuples(len(batch), points, fences) == [tuple(ids[f].tolist()) for f in batch]
+    assert len(answers) > 50_000 + 30_000
+
+
 def test_covers_use_several_resolutions_and_interior_cells_carry_much_of_the_area():
     """A big polygon is answered for a good part by interior cells of more than one resolution (no geometry at
     lookup); interior and boundary cells together reach beyond the polygon."""
