@@ -39,7 +39,10 @@ faust-streaming#596 (recovery race leaves gaps in acked offsets) and #606 (wrong
    - ``_new_offset`` ignores duplicate acknowledgements (Faust's run detection stops at a duplicate) and
      commits only a run that starts at the committed offset. Faust committed past a single unacknowledged
      record at the committed offset (off by one: it tests ``min(acked) - committed > 1``), which the worker's
-     overlapping batches could hit when a later batch's outputs are acknowledged first.
+     overlapping batches could hit when a later batch's outputs are acknowledged first. Before a partition's
+     first commit there is no committed offset to start from: a run is committed only when no record below
+     it is delivered and still unacknowledged (Faust committed the lowest run acknowledged, which could be a
+     later batch's while the first one was still in flight).
 
 Other topics keep Faust's behaviour. Check this module against Faust's sources before moving the pin off 0.15.
 """
@@ -179,6 +182,13 @@ async def _add_gap(self: Consumer, tp: TP, offset_from: int, offset_to: int) -> 
                     tp, offset_to, offset_from - 1)
 
 
+def _delivered_below(self: Consumer, tp: TP, offset: int) -> bool:
+    """A record of ``tp`` below ``offset`` was delivered to a stream and is not acknowledged yet. Records reach
+    the streams in offset order, so before a partition's first commit this is what tells a later batch
+    acknowledged first (overlapping batches) from the start of the partition."""
+    return any(m.tp == tp and m.offset < offset and not m.acked for m in list(self._unacked_messages))
+
+
 def _new_offset(self: Consumer, tp: TP) -> int | None:
     """The offset to commit for ``tp``: for an exact topic, the end of the run of done offsets that starts at
     the committed offset (or at the lowest done offset before the first commit)."""
@@ -203,6 +213,8 @@ def _new_offset(self: Consumer, tp: TP) -> int | None:
     index.intersection_update(done)
     if not ordered or (committed is not None and ordered[0] != committed):
         return None  # the record at the committed offset is not done yet
+    if committed is None and _delivered_below(self, tp, ordered[0]):
+        return None  # before the first commit: an earlier batch is still in flight
     last = ordered[0]
     for offset in ordered[1:]:
         if offset != last + 1:

@@ -16,6 +16,13 @@ OWN = TP("fleet.positions", 0)
 OTHER = TP("someone.elses.topic", 0)
 
 
+class Delivered:
+    """A message delivered to a stream (hashable by identity, as Faust's messages)."""
+
+    def __init__(self, tp: TP, offset: int) -> None:
+        self.tp, self.offset, self.acked = tp, offset, False
+
+
 class FakeConsumer:
     """The state Faust's Consumer keeps per partition, and a log start for ``earliest_offsets``."""
 
@@ -27,9 +34,16 @@ class FakeConsumer:
         self._gap: defaultdict = defaultdict(IntervalTree)
         self._committed_offset: defaultdict = defaultdict(lambda: None)
         self._committed_offset[OWN] = self._committed_offset[OTHER] = committed
+        self._unacked_messages: set = set()  # delivered to a stream, not acknowledged (Consumer.track_message)
         self.log_start = log_start
 
+    def deliver(self, tp: TP, *offsets: int) -> None:
+        self._unacked_messages.update(Delivered(tp, offset) for offset in offsets)
+
     def ack(self, tp: TP, *offsets: int) -> None:  # as Consumer.ack: one entry per acknowledgement
+        for message in [m for m in self._unacked_messages if m.tp == tp and m.offset in offsets]:
+            message.acked = True
+            self._unacked_messages.discard(message)
         for offset in offsets:
             self._acked[tp].append(offset)
             self._acked_index[tp].add(offset)
@@ -87,8 +101,33 @@ def test_records_removed_by_retention_are_counted_as_done():
 
 def test_before_the_first_commit_the_lowest_run_is_committed():
     c = FakeConsumer(committed=None)
+    c.deliver(OWN, *range(5, 12))
     c.ack(OWN, 5, 6, 7, 9)
     assert c.new_offset(OWN) == 8
+
+
+def test_before_the_first_commit_a_later_batch_acknowledged_first_waits_for_the_earlier_one():
+    """Overlapping batches: 0..99 still in flight when 100..199 are acknowledged. Committing 200 then would
+    lose 0..99 if the worker stopped before their outputs were written."""
+    c = FakeConsumer(committed=None)
+    c.deliver(OWN, *range(0, 200))
+    c.deliver(OTHER, 0)  # another partition's record in flight holds nothing back here
+    c.ack(OWN, *range(100, 200))
+    assert c.new_offset(OWN) is None
+    c.ack(OWN, *range(0, 100))
+    assert c.new_offset(OWN) == 200
+
+
+def test_before_the_first_commit_a_partition_starting_past_zero_commits_its_first_run():
+    """The first record need not be offset 0 (retention): what holds a run back is a record delivered below it
+    and not acknowledged, of the same partition; records after the run do not."""
+    c = FakeConsumer(committed=None)
+    late = TP(OWN.topic, 1)
+    c._committed_offset[late] = None
+    c.deliver(OWN, 40)  # partition 0's batch in flight
+    c.deliver(late, *range(1000, 1010))
+    c.ack(late, 1000)
+    assert c.new_offset(late) == 1001
 
 
 @pytest.mark.parametrize("case", ["off_by_one", "duplicates"])
