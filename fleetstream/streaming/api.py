@@ -337,6 +337,13 @@ def register_api(app: faust.App, worker: PositionWorker, settings: Settings, tab
                         if (rule is not None and rule_id != rule) or (after is not None and alert_id <= after):
                             continue
                         found.append(view)
+                rfid = getattr(app, "fleetstream_rfid", None)  # the assets' alerts (asset_missing, ...) too
+                for rule_id, alert_id, raised_ms, tag, level in rfid.local_alerts() if rfid is not None else ():
+                    if (severity is not None and level != severity) or (rule is not None and rule_id != rule):
+                        continue
+                    if after is None or alert_id > after:
+                        found.append({"alert_id": alert_id, "rule": rule_id, "severity": level, "state": "raised",
+                                      "subject_id": tag, "ts": format_ts(raised_ms)})
                 return sorted(found, key=lambda a: a["alert_id"])[:limit]
 
             merged = sorted((a for part in await gather(request, local) for a in part), key=lambda a: a["alert_id"])

@@ -28,6 +28,7 @@ import faust
 from faust.types import TP, EventT
 
 from fleetstream.config import Settings
+from fleetstream.domain.alerts import make_alert_id
 from fleetstream.domain.assets import AssetState, Inventory, next_deadline
 from fleetstream.domain.eventclock import EventClock, pop_due
 from fleetstream.observability.metrics import Metrics
@@ -319,6 +320,18 @@ class RfidWorker:
     def local_inventory(self) -> Inventory:
         self.ensure_current()
         return self.inventory
+
+    def local_alerts(self) -> list[tuple[str, str, int, str, str | None]]:
+        """The active alerts of the tags this worker owns (in flight included): (rule, alert id, raise time,
+        tag, severity), for ``GET /alerts`` beside the vehicles' alerts."""
+        self.ensure_current()
+        if self.pipeline is None:
+            return []
+        states = dict(self.placed)
+        states.update((tag, entry[1].state) for tag, entry in self._pending.items() if entry[1].state is not None)
+        severities = self.pipeline.config.severities
+        return [(rule, make_alert_id(rule, tag, raised_ms), raised_ms, tag, severities.get(rule))
+                for tag, state in states.items() for rule, raised_ms in state.alerts.items()]
 
     def known_zone(self, zone_id: str) -> bool:
         """A zone some reader covers, or a geofence (where assets on vehicles can be)."""

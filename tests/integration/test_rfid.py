@@ -172,6 +172,16 @@ def test_a_warehouse_day_on_the_broker(broker, prefix, log_dir):
         status, p5 = get(worker, "/assets/P5")
         assert status == 200 and p5["zones"] == ["dock-1"] and [a["rule"] for a in p5["active_alerts"]] == [
             "asset_missing"]
+        # GET /alerts lists the assets' active alerts beside the vehicles' (none here), with its filters
+        raised = {(rule, tag) for rule, state, tag, _ in EXPECTED_DAY_ALERTS if state == "raised"}
+        raised -= {(rule, tag) for rule, state, tag, _ in EXPECTED_DAY_ALERTS if state == "cleared"}
+        status, active = get(worker, "/alerts")
+        assert status == 200 and {(a["rule"], a["subject_id"]) for a in active["alerts"]} == raised
+        assert all(a["alert_id"] == f"{a['rule']}:{a['subject_id']}:{parse_ts(a['ts'])}" for a in active["alerts"])
+        missing = get(worker, "/alerts?rule=asset_missing")[1]["alerts"]
+        assert [(a["subject_id"], a["severity"], relative(a["ts"])) for a in missing] == [("P5", "major", 799.54)]
+        assert get(worker, f"/alerts?after={missing[0]['alert_id']}&rule=asset_missing")[1]["alerts"] == []
+        assert get(worker, "/alerts?severity=critical&rule=asset_missing")[1]["alerts"] == []
         assert get(worker, "/assets/nobody")[0] == 404
         assert get(worker, "/zones/nowhere/inventory")[0] == 404
         assert get(worker, "/zones/dock-1/inventory?limit=0")[0] == 400
