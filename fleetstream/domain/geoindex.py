@@ -857,32 +857,3 @@ class AnswerSets:
             add_sets(used[:, 0], used[:, 1], used[:, 2].astype(np.int64), self._slots)
         add_sets(first[reps], second[reps], numbers, self._slots)
         return result
-        # the sets not known yet, each once (sorted by their sums: the order they are merged in)
-        unknown = np.flatnonzero(~known)
-        order = unknown[np.lexsort((second[unknown], first[unknown]))]
-        fresh = np.ones(len(order), dtype=bool)
-        fresh[1:] = (first[order[1:]] != first[order[:-1]]) | (second[order[1:]] != second[order[:-1]])
-        numbers = self._count + np.arange(int(fresh.sum()))
-        result[order] = numbers[np.cumsum(fresh) - 1]
-        # their tuples: the members of one point per set, sorted by fence number (= by id), sliced per set
-        reps = order[fresh]
-        sizes = counts[reps]
-        ends = np.cumsum(sizes)
-        owner = np.repeat(np.arange(len(reps)), sizes)
-        members = fences[np.repeat(starts[reps] - ends + sizes, sizes) + np.arange(int(ends[-1]))]
-        names = self._ids_array[members[np.lexsort((members, owner))]].tolist()
-        bounds = ends.tolist()
-        tuples = np.fromiter((tuple(names[a:b]) for a, b in zip([0, *bounds[:-1]], bounds, strict=True)),
-                             dtype=object, count=len(reps))
-        end = self._count + len(reps)
-        if end > len(self._tuples):
-            grown = np.empty(max(2 * len(self._tuples), end), dtype=object)
-            grown[: self._count] = self._tuples[: self._count]
-            self._tuples = grown
-        self._tuples[self._count : end] = tuples
-        self._count = end
-        at = np.searchsorted(self._keys, first[reps])
-        self._keys = np.insert(self._keys, at, first[reps])
-        self._check = np.insert(self._check, at, second[reps])
-        self._sets = np.insert(self._sets, at, numbers)
-        return result
