@@ -1,5 +1,5 @@
 """H3 cells of points: fleetstream.domain.h3cells.latlng_to_cells against h3ronpy's coordinates_to_cells (what
-GeofenceIndex calls now) and an h3-py latlng_to_cell loop, measured in the same run.
+GeofenceIndex called before it) and an h3-py latlng_to_cell loop, measured in the same run.
 
     python benchmarks/h3cells.py [--points 20000] [--runs 7] [--batches 500,10000] [--resolutions 9,11]
 
