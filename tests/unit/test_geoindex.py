@@ -430,14 +430,21 @@ def test_answer_sets_learn_many_sets_at_once():
     ids = np.array([f"f{i:05d}" for i in range(50_000)], dtype=object)
     answers = geoindex.AnswerSets(ids)
     rng = np.random.default_rng(5)
+    seen = []
     for size in (3000, 1, 40_000, 300):
         batch = [sorted(set(rng.integers(0, 50_000, rng.integers(1, 5)).tolist())) for _ in range(size)]
         batch += batch[: size // 10]  # the same sets again, in the same batch
         pairs = [(p, f) for p, fences in enumerate(batch) for f in rng.permutation(fences).tolist()]
         points = np.array([p for p, _ in pairs], dtype=np.int64)
         fences = np.array([f for _, f in pairs], dtype=np.int64)
-        assert answers.tuples(len(batch), points, fences) == [tuple(ids[f].tolist()) for f in batch]
-    assert len(answers) > 50_000 + 30_000
+        expected = [tuple(ids[f].tolist()) for f in batch]
+        assert answers.tuples(len(batch), points, fences) == expected
+        seen.append((len(batch), points, fences, expected))
+    learned = len(answers)
+    assert learned > 50_000 + 30_000
+    for n, points, fences, expected in seen:  # met again: found in the table (kept as it grew), none learned anew
+        assert answers.tuples(n, points, fences) == expected
+    assert len(answers) == learned
 
 
 def test_covers_use_several_resolutions_and_interior_cells_carry_much_of_the_area():
