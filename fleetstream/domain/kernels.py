@@ -28,15 +28,20 @@ _SIGN = np.int64(1) << np.int64(ENTRY_CODE_SHIFT - 1)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _slot(cell: np.uint64, capacity: np.uint64) -> np.int64:
-    """A cell's home slot: splitmix64's finaliser, then modulo the capacity (H3 cells differ in few, structured
-    bits, which a plain multiply clusters; the modulo lets the capacity be any size, not a power of 2)."""
-    x = cell ^ (cell >> np.uint64(30))
+def _mix(x: np.uint64) -> np.uint64:
+    """splitmix64's finaliser: a bijection of 64-bit words whose outputs look independent and uniform."""
+    x = x ^ (x >> np.uint64(30))
     x = x * _M1
     x = x ^ (x >> np.uint64(27))
     x = x * _M2
-    x = x ^ (x >> np.uint64(31))
-    return np.int64(x % capacity)
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _slot(cell: np.uint64, capacity: np.uint64) -> np.int64:
+    """A cell's home slot: splitmix64's finaliser, then modulo the capacity (H3 cells differ in few, structured
+    bits, which a plain multiply clusters; the modulo lets the capacity be any size, not a power of 2)."""
+    return np.int64(_mix(cell) % capacity)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -345,16 +350,6 @@ _SET_SEED0 = np.uint64(0x2545F4914F6CDD1D)
 _SET_SEED1 = np.uint64(0x9E3779B97F4A7C15)
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _mix(x: np.uint64) -> np.uint64:
-    """splitmix64's finaliser: a bijection of 64-bit words whose outputs look independent and uniform."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * _M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _M2
-    return x ^ (x >> np.uint64(31))
-
-
 @njit(cache=True, nogil=True)
 def point_sets(n: np.int64, points: np.ndarray, fences: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -382,7 +377,7 @@ def point_sets(n: np.int64, points: np.ndarray, fences: np.ndarray
 @njit(cache=True, nogil=True)
 def find_sets(sum0: np.ndarray, sum1: np.ndarray, slots: np.ndarray) -> np.ndarray:
     """The number of the set named by each (sum0, sum1) in the open-addressing table ``slots`` (rows: sum0,
-    sum1, number; a power-of-2 length, less than half full, number 0 marking an empty row), -1 if absent."""
+    sum1, number; a power-of-2 length, at most half full, number 0 marking an empty row), -1 if absent."""
     mask = np.uint64(len(slots) - 1)
     out = np.empty(len(sum0), dtype=np.int64)
     for k in range(len(sum0)):
@@ -398,7 +393,7 @@ def find_sets(sum0: np.ndarray, sum1: np.ndarray, slots: np.ndarray) -> np.ndarr
 
 @njit(cache=True, nogil=True)
 def add_sets(sum0: np.ndarray, sum1: np.ndarray, numbers: np.ndarray, slots: np.ndarray) -> None:
-    """Insert sets not in ``slots`` yet (``find_sets``' table; the caller keeps it less than half full)."""
+    """Insert sets not in ``slots`` yet (``find_sets``' table; the caller keeps it at most half full)."""
     mask = np.uint64(len(slots) - 1)
     for k in range(len(sum0)):
         i = np.int64(sum0[k] & mask)

@@ -191,7 +191,8 @@ def _delivered_below(self: Consumer, tp: TP, offset: int) -> bool:
 
 def _new_offset(self: Consumer, tp: TP) -> int | None:
     """The offset to commit for ``tp``: for an exact topic, the end of the run of done offsets that starts at
-    the committed offset (or at the lowest done offset before the first commit)."""
+    the committed offset (before the first commit: at the lowest done offset, once no record below it is in
+    flight)."""
     topics = _exact_topics(self.app)
     if topics is None or tp.topic not in topics:
         return _original["new_offset"](self, tp)
