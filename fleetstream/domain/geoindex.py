@@ -424,7 +424,7 @@ def _cover_chunk(fences: Sequence[Geofence]) -> list[FenceCover]:
 
     # seeds: the disk around the start cell, or every base cell
     small = np.flatnonzero(~huge)
-    seed_cells, owner = _disks(_to_cells(lat[small], lon[small], start[small]), SEED_RING)
+    seed_cells, owner = _disks(latlng_to_cells(lat[small], lon[small], start[small]), SEED_RING)
     cand_f = np.concatenate((small[owner], np.repeat(numbers[huge], len(_RES0_CELLS))))
     cand_c = np.concatenate((seed_cells, np.tile(_RES0_CELLS, int(huge.sum()))))
     cand_f, cand_c = _unique_pairs(cand_f, cand_c, start)
@@ -438,7 +438,8 @@ def _cover_chunk(fences: Sequence[Geofence]) -> list[FenceCover]:
         rings = shapely.segmentize(shapely.boundary(shapes.geoms[poly]), step)
         coords, which = shapely.get_coordinates(rings, return_index=True)
         sample_f = poly[which]
-        sample_f, sample_c = _drop_repeats(sample_f, _to_cells(coords[:, 1], coords[:, 0], sample_res[sample_f]))
+        sample_f, sample_c = _drop_repeats(
+            sample_f, latlng_to_cells(coords[:, 1], coords[:, 0], sample_res[sample_f]))
         band_c, owner = _disks(sample_c, 1)
         band_f = sample_f[owner]
         band_f, band_c = _unique_pairs(band_f, parent_cells(band_c, fine[band_f]), fine)
@@ -458,11 +459,6 @@ def _cover_chunk(fences: Sequence[Geofence]) -> list[FenceCover]:
         cand_c, owner = _children(cand_c[split], res[split])
         cand_f = cand_f[split][owner]
     return _split_covers(n, fine, interior, boundary)
-
-
-def _to_cells(lats: np.ndarray, lons: np.ndarray, res: np.ndarray) -> np.ndarray:
-    """H3 cells of points, one resolution per point (``h3cells``: compiled, about twice h3ronpy's rate)."""
-    return latlng_to_cells(lats, lons, res)
 
 
 def _classify(shapes: _Shapes, fences: np.ndarray, cells: np.ndarray, res: np.ndarray,
@@ -791,8 +787,7 @@ class AnswerSets:
     single sets (the table then holds at most 2**21 rows of 24 bytes)."""
 
     def __init__(self, ids: np.ndarray, limit: int = 1_000_000) -> None:
-        self._ids = ids.tolist()
-        self._ids_array = np.asarray(ids, dtype=object)
+        self._ids = np.asarray(ids, dtype=object)
         self._limit = limit
         self._reset()
 
@@ -800,7 +795,7 @@ class AnswerSets:
         self._slots = np.zeros((1024, 3), dtype=np.uint64)  # rows: sum0, sum1, set number (0: empty row)
         self._several = 0  # sets of several fences in the table
         self._tuples = np.empty(len(self._ids) + 1 + 1024, dtype=object)
-        self._tuples[: len(self._ids) + 1] = [(), *((i,) for i in self._ids)]
+        self._tuples[: len(self._ids) + 1] = [(), *((i,) for i in self._ids.tolist())]
         self._count = len(self._ids) + 1
 
     def __len__(self) -> int:
@@ -836,7 +831,7 @@ class AnswerSets:
         ends = np.cumsum(sizes)
         owner = np.repeat(np.arange(len(reps)), sizes)
         members = fences[np.repeat(starts[reps] - ends + sizes, sizes) + np.arange(int(ends[-1]))]
-        names = self._ids_array[members[np.lexsort((members, owner))]].tolist()
+        names = self._ids[members[np.lexsort((members, owner))]].tolist()
         bounds = ends.tolist()
         tuples = np.fromiter((tuple(names[a:b]) for a, b in zip([0, *bounds[:-1]], bounds, strict=True)),
                              dtype=object, count=len(reps))

@@ -103,9 +103,16 @@ def signals_view(signals: DeviceSignals | None, rules: Any) -> dict[str, Any]:
 
 
 def alert_view(rule_id: str, alert_id: str, raised_ms: int, subject_id: str, rules: Any) -> dict[str, Any]:
+    """An active vehicle alert, its severity from the rule set."""
     rule = rules.get(rule_id) if rules is not None else None
-    return {"alert_id": alert_id, "rule": rule_id, "severity": str(rule.severity) if rule is not None else None,
-            "state": "raised", "subject_id": subject_id, "ts": format_ts(raised_ms)}
+    return raised_alert(rule_id, alert_id, raised_ms, subject_id, str(rule.severity) if rule is not None else None)
+
+
+def raised_alert(rule_id: str, alert_id: str, raised_ms: int, subject_id: str, severity: str | None
+                 ) -> dict[str, Any]:
+    """The JSON of an active alert (``GET /alerts``, ``active_alerts`` of a device), vehicle or RFID asset."""
+    return {"alert_id": alert_id, "rule": rule_id, "severity": severity, "state": "raised",
+            "subject_id": subject_id, "ts": format_ts(raised_ms)}
 
 
 def _int_param(query: Any, name: str, default: int, low: int, high: int) -> int:
@@ -342,8 +349,7 @@ def register_api(app: faust.App, worker: PositionWorker, settings: Settings, tab
                     if (severity is not None and level != severity) or (rule is not None and rule_id != rule):
                         continue
                     if after is None or alert_id > after:
-                        found.append({"alert_id": alert_id, "rule": rule_id, "severity": level, "state": "raised",
-                                      "subject_id": tag, "ts": format_ts(raised_ms)})
+                        found.append(raised_alert(rule_id, alert_id, raised_ms, tag, level))
                 return sorted(found, key=lambda a: a["alert_id"])[:limit]
 
             merged = sorted((a for part in await gather(request, local) for a in part), key=lambda a: a["alert_id"])
